@@ -1,0 +1,505 @@
+"""NanoChat (karpathy/nanochat) as a transformers model.
+
+One flat file in the style of transformers' `modeling_llama.py`. It is saved next to every checkpoint and loaded as
+remote code, so it imports only torch, transformers and its sibling configuration file, and it keeps working on
+transformers 4.51 (TGI's pin): every import that differs between 4.x and 5.x is guarded.
+
+What nanochat does differently from Llama, and where it lives here:
+- weightless RMSNorm everywhere (eps = fp32 machine epsilon), also right after the embedding    -> `rms_norm`
+- smear: x[t] += smear_lambda * sigmoid(gate(x[t, :24])) * x[t-1] on the normalized embedding     -> `NanoChatModel._smear`
+- resid/x0 lambdas before every block, backout of the mid-depth residual before the final norm   -> `NanoChatModel.forward`
+- value embeddings mixed into v with a per-KV-head gate on alternating layers                     -> `NanoChatAttention`
+- RoPE (half split, rotating by -theta) then QK-norm then q,k *= 1.2                               -> `NanoChatAttention`
+- S/L sliding windows per layer                                                                    -> `layer_types` + masks
+- ReLU^2 MLP, untied padded head, fp32 logit softcap                                               -> `NanoChatMLP`, `NanoChatForCausalLM`
+All architecture tricks live in the base model (servers such as vLLM replace the head); only the softcap, which
+acts on logits, sits in the CausalLM head.
+"""
+
+import inspect
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from .configuration_nanochat import NanoChatConfig
+
+try:  # transformers >= 4.48
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+except ImportError:  # pragma: no cover
+    ALL_ATTENTION_FUNCTIONS = {}
+
+try:  # transformers >= 4.52: gradient checkpointing through the layer class
+    from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
+except ImportError:  # pragma: no cover - 4.51
+    _LayerBase = nn.Module
+
+try:  # transformers >= 5: mask factories that understand packed position_ids, padding, caches and flex/flash
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask, sliding_window_overlay
+    _V5_MASKS = "inputs_embeds" in inspect.signature(create_causal_mask).parameters
+except ImportError:  # pragma: no cover - 4.x
+    _V5_MASKS = False
+
+try:  # transformers >= 5 guards re-initialisation of loaded tensors through these
+    from transformers import initialization as _init
+except ImportError:  # pragma: no cover - 4.x
+    _init = nn.init
+
+_MASKED_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+
+
+def _copy(param, values):
+    """Initialise a tensor from values unless transformers already loaded it from a checkpoint."""
+    if not getattr(param, "_is_hf_initialized", False):
+        param.copy_(values.to(device=param.device, dtype=param.dtype))
+
+
+def rms_norm(x, eps):
+    """nanochat's norm: no learnable weight (pre-norm, QK-norm, embedding norm and final norm alike)."""
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+def apply_rotary(x, cos, sin):
+    """nanochat's rotary: half split, rotating by -theta (the transpose of the textbook convention; only relative
+    rotations matter, kept for checkpoint compatibility). x: (B, H, T, D); cos/sin: (B, 1, T, D/2)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
+
+
+def repeat_kv(hidden_states, n_rep):
+    batch, num_kv, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_kv, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_kv * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask[:, :, :, : key_states.shape[-2]]
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def _attention_interface(config):
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl == "eager":
+        return eager_attention_forward
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+class NanoChatRotaryEmbedding(nn.Module):
+    """cos/sin for the given positions. `inv_freq` is a non-persistent buffer: `_init_weights` recomputes it, since
+    transformers 5 materializes such buffers as garbage after a meta-device load (HF_NOTES §2b)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config, device=None):
+        hd = config.head_dim
+        base = config.rope_parameters["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+
+    @torch.no_grad()
+    def forward(self, x, position_ids):
+        # outer product positions x frequencies in fp32, exactly as nanochat precomputes its tables
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq.to(x.device)[None, None, None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.config.rope_bf16_tables:  # nanochat before 2026-03-04 kept the tables in bf16 even in fp32 runs
+            cos, sin = cos.bfloat16(), sin.bfloat16()
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+class NanoChatAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim ** -0.5  # nanochat uses the default softmax scale; the 1.2 acts on q and k
+        self.is_causal = True
+        self.window = config.layer_window(layer_idx)
+        self.is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.has_value_embed = layer_idx in config.value_embed_layers
+        # ResFormer value residual: the gate reads the first few channels of the block's normalized input
+        self.ve_gate = nn.Linear(config.ve_gate_channels, self.num_kv_heads, bias=False) if self.has_value_embed else None
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
+                value_embed=None, **kwargs):
+        bsz, q_len, _ = hidden_states.shape
+        shape = (bsz, q_len, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.ve_gate is not None:
+            gate = self.config.ve_gate_scale * torch.sigmoid(self.ve_gate(hidden_states[..., : self.config.ve_gate_channels]))
+            v = v + gate.transpose(1, 2).unsqueeze(-1) * value_embed.view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        eps = self.config.rms_norm_eps
+        q, k = rms_norm(q, eps), rms_norm(k, eps)  # QK-norm after RoPE (nanochat's order)
+        if self.config.qk_norm_scale != 1.0:  # sharper attention, split between q and k
+            q, k = q * self.config.qk_norm_scale, k * self.config.qk_norm_scale
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        sliding = self.window + 1 if self.window >= 0 else None  # HF counts the query itself in the window
+        attn_output, attn_weights = _attention_interface(self.config)(
+            self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.config.attention_dropout,
+            scaling=self.scaling, sliding_window=sliding, **kwargs)
+        attn_output = attn_output.reshape(bsz, q_len, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class NanoChatMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)).square())
+
+
+class NanoChatDecoderLayer(_LayerBase):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.self_attn = NanoChatAttention(config, layer_idx)
+        self.mlp = NanoChatMLP(config)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None,
+                value_embed=None, **kwargs):
+        attn_out, _ = self.self_attn(rms_norm(hidden_states, self.eps), position_embeddings, attention_mask,
+                                     past_key_values, value_embed=value_embed, **kwargs)
+        hidden_states = hidden_states + attn_out
+        return hidden_states + self.mlp(rms_norm(hidden_states, self.eps))
+
+
+class NanoChatCache(DynamicCache):
+    """A DynamicCache that also carries the smear state: the previous token's normalized (pre-smear) embedding per
+    row, which a one-token decode step needs (nanochat keeps it in `KVCache.prev_embedding`). Beam reordering and
+    batch selection keep it in step with the keys/values. `generate()` builds this class for our model."""
+
+    smear_state = None
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        if self.smear_state is not None:
+            self.smear_state = self.smear_state.index_select(0, beam_idx.to(self.smear_state.device))
+
+    def batch_repeat_interleave(self, repeats):
+        super().batch_repeat_interleave(repeats)
+        if self.smear_state is not None:
+            self.smear_state = self.smear_state.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        if self.smear_state is not None:
+            self.smear_state = self.smear_state[indices]
+
+    def crop(self, max_length):
+        if self.smear_state is not None:
+            # the embedding of the new last token is not kept; refuse rather than smear with the wrong one
+            raise NotImplementedError("NanoChatCache cannot be cropped once the smear state is set "
+                                      "(assisted decoding is not supported for models with smear=True)")
+        super().crop(max_length)
+
+
+def _new_cache(config):
+    # v5 caches read layer_types/sliding_window from the config and keep only the window on S layers
+    return NanoChatCache(config=config) if _V5_MASKS else NanoChatCache()
+
+
+class NanoChatPreTrainedModel(PreTrainedModel):
+    config_class = NanoChatConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NanoChatDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True  # 4.x name
+    _supports_flex_attn = True
+    _supports_attention_backend = True  # vLLM/TGI check this to drive the model with their own attention
+    _supports_cache_class = True
+    _supports_static_cache = False  # the smear state lives on the cache object (NanoChatCache)
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """nanochat's init (reference §1.6). Called per module by transformers; `_init` skips loaded tensors in v5.
+        Also recomputes every non-persistent buffer, which a meta-device load leaves uninitialised."""
+        cfg = self.config
+        s = 3 ** 0.5 * cfg.hidden_size ** -0.5  # uniform bound with std 1/sqrt(d)
+        if isinstance(module, NanoChatRotaryEmbedding):
+            module.inv_freq.copy_(module.compute_inv_freq(cfg, device=module.inv_freq.device))
+        elif isinstance(module, NanoChatAttention):
+            for lin in (module.q_proj, module.k_proj, module.v_proj):
+                _init.uniform_(lin.weight, -s, s)
+            _init.zeros_(module.o_proj.weight)
+            if module.ve_gate is not None:
+                _init.uniform_(module.ve_gate.weight, 0.0, 0.02)
+        elif isinstance(module, NanoChatMLP):
+            _init.uniform_(module.fc1.weight, -0.4 * s, 0.4 * s)
+            _init.zeros_(module.fc2.weight)
+        elif isinstance(module, NanoChatModel):
+            _init.normal_(module.embed_tokens.weight, mean=0.0, std=0.8)
+            for emb in module.value_embeds.values():
+                _init.uniform_(emb.weight, -s, s)
+            n = cfg.num_hidden_layers
+            if module.resid_lambdas is not None:
+                steps = torch.arange(n, dtype=torch.float32) / max(n - 1, 1)
+                _copy(module.resid_lambdas, 1.15 - 0.10 * steps)  # stronger residual early, weaker deep
+                _copy(module.x0_lambdas, 0.20 - 0.15 * steps)  # more input-embedding blending early
+            if module.smear_gate is not None:
+                _init.uniform_(module.smear_gate.weight, 0.0, 0.02)
+                _init.zeros_(module.smear_lambda)  # smear starts disabled
+            if module.backout_lambda is not None:
+                _init.constant_(module.backout_lambda, 0.2)
+        elif isinstance(module, NanoChatForCausalLM):
+            _init.normal_(module.lm_head.weight, mean=0.0, std=0.001)
+
+
+class NanoChatModel(NanoChatPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(NanoChatDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        kv_dim = config.num_key_value_heads * config.head_dim
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(config.padded_vocab_size, kv_dim) for i in config.value_embed_layers})
+        n = config.num_hidden_layers
+        self.resid_lambdas = nn.Parameter(torch.ones(n)) if config.residual_lambdas else None
+        self.x0_lambdas = nn.Parameter(torch.zeros(n)) if config.residual_lambdas else None
+        self.smear_gate = nn.Linear(config.smear_channels, 1, bias=False) if config.smear else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None
+        self.backout_lambda = nn.Parameter(torch.full((1,), 0.2)) if config.backout else None
+        self.rotary_emb = NanoChatRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _smear(self, x, position_ids, attention_mask, past_key_values, cu_seq_lens=None):
+        """Mix the previous token's normalized embedding into each position (cheap bigram information).
+
+        Unlike nanochat, which only ever sees one document-packed row, the previous token must belong to the same
+        sequence: the smear restarts where position_ids restart (packed rows, flattened server batches), after
+        padding, and at sequence starts given by `cu_seq_lens`. With plain arange positions and no padding this is
+        exactly nanochat's behaviour (which smears across packed documents, as nanochat trains)."""
+        lam = self.smear_lambda.to(x.dtype)
+        gate = lam * torch.sigmoid(self.smear_gate(x[..., : self.config.smear_channels]))
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        pos = position_ids.expand(x.shape[0], -1)
+        cont = torch.ones_like(pos, dtype=torch.bool)
+        cont[:, 1:] = pos[:, 1:] == pos[:, :-1] + 1
+        first_pos = pos[:, 0]
+        state = getattr(past_key_values, "smear_state", None) if past_key_values is not None else None
+        if state is not None and state.shape[0] == x.shape[0]:
+            prev[:, :1] = state.to(x.dtype)  # decode step: previous token came from the last forward
+            cont[:, 0] = first_pos > 0
+        else:
+            cont[:, 0] = False
+        if attention_mask is not None and attention_mask.dim() == 2:
+            am = attention_mask[:, -x.shape[1]:].bool()
+            prev_am = torch.cat([attention_mask[:, -x.shape[1] - 1: -x.shape[1]].bool()
+                                 if attention_mask.shape[1] > x.shape[1] else torch.zeros_like(am[:, :1]), am[:, :-1]], 1)
+            cont = cont & am & prev_am
+        if cu_seq_lens is not None:  # varlen batches (flash attention / TGI): starts of sequences
+            starts = cu_seq_lens[:-1].long()
+            starts = starts[starts < x.shape[1]]
+            cont[:, starts] = False
+        if past_key_values is not None:
+            past_key_values.smear_state = x[:, -1:].detach()
+        return x + cont.unsqueeze(-1).to(x.dtype) * gate * prev
+
+    def _masks(self, x, attention_mask, position_ids, past_key_values, past_seen):
+        """One mask per window kind. Sliding layers use transformers' sliding-window factory (it knows sliding
+        caches); full layers are plain causal until the sequence outgrows nanochat's long window."""
+        cfg = self.config
+        impl = getattr(cfg, "_attn_implementation", None) or "eager"
+        kinds = set(cfg.layer_types)
+        total = past_seen + x.shape[1]
+        long_limit = cfg.long_window >= 0 and total > cfg.long_window + 1
+        if _V5_MASKS:
+            kw = dict(config=cfg, inputs_embeds=x, attention_mask=attention_mask,
+                      past_key_values=past_key_values, position_ids=position_ids)
+            masks = {}
+            if "full_attention" in kinds:
+                extra = {"and_mask_function": sliding_window_overlay(cfg.long_window + 1)} if long_limit else {}
+                masks["full_attention"] = create_causal_mask(**kw, **extra)
+            if "sliding_attention" in kinds:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+            return masks
+        if impl not in _MASKED_IMPLEMENTATIONS:  # server-managed attention (tgi, flash): no dense mask needed
+            return {k: attention_mask for k in kinds}
+        return {kind: _dense_mask(x, attention_mask, position_ids, past_seen, past_key_values is None,
+                                  cfg.short_window + 1 if kind == "sliding_attention" else
+                                  (cfg.long_window + 1 if long_limit else None)) for kind in kinds}
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None and input_ids.numel() and int(input_ids.max()) >= self.config.padded_vocab_size:
+            raise ValueError(f"token id {int(input_ids.max())} is outside the vocabulary "
+                             f"({self.config.vocab_size}); was this model paired with the right tokenizer?")
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else \
+            self.config.output_hidden_states
+        kwargs.pop("cache_position", None)  # transformers 4.x passes it; positions come from position_ids
+        if use_cache and past_key_values is None:
+            past_key_values = _new_cache(self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_seen, past_seen + inputs_embeds.shape[1],
+                                        device=inputs_embeds.device).unsqueeze(0)
+        elif position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+
+        x = rms_norm(inputs_embeds, self.config.rms_norm_eps)  # norm right after the embedding
+        if self.smear_gate is not None:
+            x = self._smear(x, position_ids, attention_mask, past_key_values,
+                            kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlen_prefill")))
+        masks = self._masks(x, attention_mask, position_ids, past_key_values, past_seen)
+        position_embeddings = self.rotary_emb(x, position_ids)
+
+        x0 = x
+        x_backout = None
+        all_hidden = () if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            if all_hidden is not None:
+                all_hidden += (x,)
+            if self.resid_lambdas is not None:  # applied before every block, including the first
+                x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            ve = self.value_embeds[str(i)](input_ids).to(x.dtype) if str(i) in self.value_embeds else None
+            if ve is None and str(i) in self.value_embeds:
+                raise ValueError("value embeddings are indexed by token id: pass input_ids, not inputs_embeds")
+            x = layer(x, masks[self.config.layer_types[i]], position_embeddings, past_key_values,
+                      value_embed=ve, position_ids=position_ids, **kwargs)
+            if i == self.config.backout_layer:
+                x_backout = x
+        if self.backout_lambda is not None:  # remove low-level features cached at mid depth
+            x = x - self.backout_lambda.to(x.dtype) * x_backout
+        x = rms_norm(x, self.config.rms_norm_eps)
+        if all_hidden is not None:
+            all_hidden += (x,)
+        out = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None,
+                                      hidden_states=all_hidden)
+        return out if return_dict is not False else out.to_tuple()
+
+
+def _dense_mask(x, attention_mask, position_ids, past_seen, no_cache, window):
+    """Boolean (B, 1, q, kv) mask for transformers 4.x, which lacks the v5 mask factories: causal, optional sliding
+    window (keys counted including the query), padding, and packed sequences from restarting position_ids."""
+    bsz, q_len = x.shape[:2]
+    kv_len = past_seen + q_len
+    q_pos = torch.arange(past_seen, kv_len, device=x.device)[:, None]
+    k_pos = torch.arange(kv_len, device=x.device)[None, :]
+    allowed = (k_pos <= q_pos)[None].expand(bsz, -1, -1)
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)[None]
+    if attention_mask is not None and attention_mask.dim() == 2:
+        allowed = allowed & attention_mask[:, None, -kv_len:].bool()
+    if no_cache:
+        pos = position_ids.expand(bsz, -1)
+        seq = torch.cat([torch.zeros_like(pos[:, :1]), (pos[:, 1:] != pos[:, :-1] + 1).long()], 1).cumsum(1)
+        allowed = allowed & (seq[:, :, None] == seq[:, None, :])
+    # a fully masked row (left padding queries) would give NaNs: let it see itself
+    allowed = allowed | (~allowed.any(-1, keepdim=True) & (k_pos == q_pos)[None])
+    return allowed[:, None]
+
+
+class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = NanoChatModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def _prepare_cache_for_generation(self, *args, **kwargs):
+        """Let generate() build its usual cache, then swap a plain DynamicCache for our NanoChatCache (which keeps
+        the smear state aligned under beam search)."""
+        out = super()._prepare_cache_for_generation(*args, **kwargs)
+        model_kwargs = kwargs.get("model_kwargs", args[1] if len(args) > 1 else None)
+        if isinstance(model_kwargs, dict):
+            cache = model_kwargs.get("past_key_values")
+            if type(cache) is DynamicCache and cache.get_seq_length() == 0:
+                model_kwargs["past_key_values"] = _new_cache(self.config)
+        return out
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, return_dict=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             return_dict=True, **kwargs)
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])[..., : self.config.vocab_size]  # drop vocab padding
+        logits = logits.float()  # nanochat: fp32 before the softcap and the loss
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                     hidden_states=outputs.hidden_states)
+        return out if return_dict is not False else out.to_tuple()
+
+
+NanoChatConfig.register_for_auto_class()
+NanoChatModel.register_for_auto_class("AutoModel")
+NanoChatForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["NanoChatPreTrainedModel", "NanoChatModel", "NanoChatForCausalLM", "NanoChatCache"]
