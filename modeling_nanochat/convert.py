@@ -1,4 +1,4 @@
-"""Convert checkpoints: nanochat's own format -> ours, transformers' `nanochat` (Oct-2025) -> ours, ours -> nanochat.
+"""Convert checkpoints: nanochat's own format <-> ours, transformers' `nanochat` (Oct-2025) <-> ours.
 
     python -m modeling_nanochat.convert --input-dir SRC --output-dir DST [--step N] [--arch ERA] [--tokenizer-dir D]
     python -m modeling_nanochat.convert --input-dir OURS --output-dir DST --to nanochat
@@ -331,6 +331,39 @@ def to_nanochat(src, out_dir, step=None, overwrite=False):
     return out_dir
 
 
+def to_transformers_nanochat(src, out_dir, overwrite=False):
+    """Ours -> transformers' built-in `nanochat` type. Only faithful for the Oct-2025 subset of the architecture
+    with that port's numerics, so anything else is refused with the list of fields that differ."""
+    from transformers import NanoChatConfig as HFConfig, NanoChatForCausalLM as HFModel
+    config = NanoChatConfig.from_pretrained(src)
+    need = dict(value_embeds=False, residual_lambdas=False, smear=False, backout=False, window_pattern=None,
+                qk_norm_scale=1.0, rope_bf16_tables=False, long_window=-1)
+    differ = {k: getattr(config, k) for k, v in need.items() if getattr(config, k) != v}
+    if differ:
+        raise ConversionError(f"transformers' 'nanochat' class cannot express {differ}: only Oct-2025-architecture "
+                              "checkpoints (with fp32 rotary tables) export to it; keep this one as nanochat_hf")
+    state = {k: v for k, v in _load_safetensors_dir(src).items() if not k.endswith("inv_freq")}
+    hf_config = HFConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps, final_logit_softcapping=config.final_logit_softcapping,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    if config.padded_vocab_size != config.vocab_size:
+        raise ConversionError("transformers' 'nanochat' has no vocabulary padding; this checkpoint pads "
+                              f"{config.vocab_size} to {config.padded_vocab_size}")
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        with torch.device("meta"):
+            model = HFModel(hf_config)
+        model.save_pretrained(tmp, state_dict=state)
+        for name in os.listdir(src):
+            if name.startswith("tokenizer") or name in ("special_tokens_map.json", "chat_template.jinja",
+                                                        "generation_config.json", "token_bytes.pt"):
+                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+    return out_dir
+
+
 def _save_tiktoken_pickle(tokenizer, out_dir):
     """nanochat's tokenizer.pkl is a pickled tiktoken.Encoding: raw token bytes -> rank, specials after them."""
     try:
@@ -338,20 +371,13 @@ def _save_tiktoken_pickle(tokenizer, out_dir):
         import tiktoken
     except ImportError as e:
         raise ConversionError("writing nanochat's tokenizer.pkl needs tiktoken: pip install tiktoken") from e
-    from .tokenization import SPECIAL_TOKENS, SPLIT_PATTERN
-    byte_decoder = _bytes_to_unicode_inverse()
+    from .tokenization import SPECIAL_TOKENS, SPLIT_PATTERN, _token_raw_bytes
     vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
-    ranks = {bytes(byte_decoder[c] for c in tok): idx for tok, idx in vocab.items()}
+    ranks = {_token_raw_bytes(tok): idx for tok, idx in vocab.items() if tok not in SPECIAL_TOKENS}
     specials = {s: tokenizer.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
     enc = tiktoken.Encoding(name="rustbpe", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
     with open(os.path.join(out_dir, "tokenizer.pkl"), "wb") as f:
         pickle.dump(enc, f)
-
-
-def _bytes_to_unicode_inverse():
-    """Inverse of the GPT-2 byte-level alphabet that HF byte-level BPE stores token strings in."""
-    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-    return {v: k for k, v in bytes_to_unicode().items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -361,6 +387,8 @@ def convert(input_dir, output_dir, step=None, arch=None, tokenizer_dir=None, to=
             dtype="keep"):
     if to == "nanochat":
         return to_nanochat(input_dir, output_dir, step=step, overwrite=overwrite)
+    if to == "transformers-nanochat":
+        return to_transformers_nanochat(input_dir, output_dir, overwrite=overwrite)
     cfg_path = os.path.join(input_dir, "config.json")
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
@@ -401,7 +429,9 @@ def main(argv=None):
     p.add_argument("--arch", default=None, choices=sorted(ARCHITECTURE_ERAS),
                    help="architecture era, when it cannot be inferred from the keys")
     p.add_argument("--tokenizer-dir", default=None, help="dir with tokenizer.pkl (default: --input-dir)")
-    p.add_argument("--to", default="nanochat_hf", choices=["nanochat_hf", "nanochat"])
+    p.add_argument("--to", default="nanochat_hf", choices=["nanochat_hf", "nanochat", "transformers-nanochat"],
+                   help="target format (default nanochat_hf, ours); transformers-nanochat is transformers' own "
+                        "Oct-2025 class and takes only checkpoints of that architecture")
     p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"])
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir (atomically)")
     args = p.parse_args(argv)

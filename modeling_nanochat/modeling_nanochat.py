@@ -151,6 +151,12 @@ class NanoChatAttention(nn.Module):
         self.has_value_embed = layer_idx in config.value_embed_layers
         # ResFormer value residual: the gate reads the first few channels of the block's normalized input
         self.ve_gate = nn.Linear(config.ve_gate_channels, self.num_kv_heads, bias=False) if self.has_value_embed else None
+        bound = _uniform_bound(config)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            _set_init(proj, "uniform", -bound, bound)
+        _set_init(self.o_proj, "zeros")  # every block starts as the identity
+        if self.ve_gate is not None:
+            _set_init(self.ve_gate, "uniform", 0.0, 0.02)  # gates start slightly above neutral
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                 value_embed=None, **kwargs):
@@ -183,6 +189,9 @@ class NanoChatMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        bound = _uniform_bound(config)
+        _set_init(self.fc1, "uniform", -0.4 * bound, 0.4 * bound)
+        _set_init(self.fc2, "zeros")
 
     def forward(self, x):
         return self.fc2(F.relu(self.fc1(x)).square())
@@ -255,37 +264,40 @@ class NanoChatPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """nanochat's init (reference §1.6). Called per module by transformers; `_init` skips loaded tensors in v5.
-        Also recomputes every non-persistent buffer, which a meta-device load leaves uninitialised."""
-        cfg = self.config
-        s = 3 ** 0.5 * cfg.hidden_size ** -0.5  # uniform bound with std 1/sqrt(d)
-        if isinstance(module, NanoChatRotaryEmbedding):
-            module.inv_freq.copy_(module.compute_inv_freq(cfg, device=module.inv_freq.device))
-        elif isinstance(module, NanoChatAttention):
-            for lin in (module.q_proj, module.k_proj, module.v_proj):
-                _init.uniform_(lin.weight, -s, s)
-            _init.zeros_(module.o_proj.weight)
-            if module.ve_gate is not None:
-                _init.uniform_(module.ve_gate.weight, 0.0, 0.02)
-        elif isinstance(module, NanoChatMLP):
-            _init.uniform_(module.fc1.weight, -0.4 * s, 0.4 * s)
-            _init.zeros_(module.fc2.weight)
-        elif isinstance(module, NanoChatModel):
-            _init.normal_(module.embed_tokens.weight, mean=0.0, std=0.8)
-            for emb in module.value_embeds.values():
-                _init.uniform_(emb.weight, -s, s)
-            n = cfg.num_hidden_layers
+        """nanochat's init (reference §1.6). transformers calls this per module (leaves included) and, in v5, marks a
+        module's tensors initialised right after, so each leaf carries its own rule (`_init_rule`, set where the
+        leaf is created). Also recomputes non-persistent buffers, which a meta-device load leaves uninitialised."""
+        rule = getattr(module, "_init_rule", None)
+        if rule is not None:
+            kind, a, b = rule
+            if kind == "uniform":
+                _init.uniform_(module.weight, a, b)
+            elif kind == "normal":
+                _init.normal_(module.weight, mean=a, std=b)
+            else:
+                _init.zeros_(module.weight)
+        elif isinstance(module, NanoChatRotaryEmbedding):
+            module.inv_freq.copy_(module.compute_inv_freq(self.config, device=module.inv_freq.device))
+        elif isinstance(module, NanoChatModel):  # the scalars it owns directly
+            n = self.config.num_hidden_layers
+            steps = torch.arange(n, dtype=torch.float32) / max(n - 1, 1)
             if module.resid_lambdas is not None:
-                steps = torch.arange(n, dtype=torch.float32) / max(n - 1, 1)
                 _copy(module.resid_lambdas, 1.15 - 0.10 * steps)  # stronger residual early, weaker deep
                 _copy(module.x0_lambdas, 0.20 - 0.15 * steps)  # more input-embedding blending early
-            if module.smear_gate is not None:
-                _init.uniform_(module.smear_gate.weight, 0.0, 0.02)
+            if module.smear_lambda is not None:
                 _init.zeros_(module.smear_lambda)  # smear starts disabled
             if module.backout_lambda is not None:
                 _init.constant_(module.backout_lambda, 0.2)
-        elif isinstance(module, NanoChatForCausalLM):
-            _init.normal_(module.lm_head.weight, mean=0.0, std=0.001)
+
+
+def _set_init(module, kind, a=0.0, b=0.0):
+    """Record how nanochat initialises this leaf: ('uniform', lo, hi), ('normal', mean, std) or ('zeros',)."""
+    module._init_rule = (kind, a, b)
+    return module
+
+
+def _uniform_bound(config):
+    return 3 ** 0.5 * config.hidden_size ** -0.5  # uniform with the std of N(0, 1/d)
 
 
 class NanoChatModel(NanoChatPreTrainedModel):
@@ -304,6 +316,11 @@ class NanoChatModel(NanoChatPreTrainedModel):
         self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None
         self.backout_lambda = nn.Parameter(torch.full((1,), 0.2)) if config.backout else None
         self.rotary_emb = NanoChatRotaryEmbedding(config)
+        _set_init(self.embed_tokens, "normal", 0.0, 0.8)
+        for emb in self.value_embeds.values():
+            _set_init(emb, "uniform", -_uniform_bound(config), _uniform_bound(config))
+        if self.smear_gate is not None:
+            _set_init(self.smear_gate, "uniform", 0.0, 0.02)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -452,7 +469,7 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = NanoChatModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.lm_head = _set_init(nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False), "normal", 0.0, 0.001)
         self.post_init()
 
     def get_input_embeddings(self):
