@@ -330,7 +330,7 @@ class NanoChatModel(NanoChatPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _smear(self, x, position_ids, attention_mask, past_key_values, cu_seq_lens=None):
+    def _smear(self, x, position_ids, attention_mask, past_key_values, cu_seq_lens=None, server_decode=False):
         """Mix the previous token's normalized embedding into each position (cheap bigram information).
 
         Unlike nanochat, which only ever sees one document-packed row, the previous token must belong to the same
@@ -355,10 +355,12 @@ class NanoChatModel(NanoChatPreTrainedModel):
             prev_am = torch.cat([attention_mask[:, -x.shape[1] - 1: -x.shape[1]].bool()
                                  if attention_mask.shape[1] > x.shape[1] else torch.zeros_like(am[:, :1]), am[:, :-1]], 1)
             cont = cont & am & prev_am
-        if cu_seq_lens is not None:  # varlen batches (flash attention / TGI): starts of sequences
+        if cu_seq_lens is not None:  # varlen batches (flash attention / TGI prefill): starts of sequences
             starts = cu_seq_lens[:-1].long()
             starts = starts[starts < x.shape[1]]
             cont[:, starts] = False
+        elif server_decode:  # TGI decode: one token per sequence, the previous token is not available here
+            cont[:] = False
         if past_key_values is not None:
             past_key_values.smear_state = x[:, -1:].detach()
         return x + cont.unsqueeze(-1).to(x.dtype) * gate * prev
@@ -411,8 +413,10 @@ class NanoChatModel(NanoChatPreTrainedModel):
 
         x = rms_norm(inputs_embeds, self.config.rms_norm_eps)  # norm right after the embedding
         if self.smear_gate is not None:
+            # TGI passes its paged cache as `kv_cache` and `cu_seqlen_prefill=None` on decode steps
+            server_decode = "kv_cache" in kwargs and kwargs.get("cu_seqlen_prefill") is None
             x = self._smear(x, position_ids, attention_mask, past_key_values,
-                            kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlen_prefill")))
+                            kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlen_prefill")), server_decode)
         masks = self._masks(x, attention_mask, position_ids, past_key_values, past_seen)
         position_embeddings = self.rotary_emb(x, position_ids)
 

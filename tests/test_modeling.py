@@ -252,3 +252,14 @@ def test_init_follows_nanochat():
     assert m.layers[0].self_attn.q_proj.weight.abs().max() <= bound
     assert m.layers[0].mlp.fc1.weight.abs().max() <= 0.4 * bound
     assert 0 <= m.smear_gate.weight.min() and m.smear_gate.weight.max() <= 0.02
+
+
+def test_smear_is_dropped_not_leaked_on_tgi_decode_steps():
+    """TGI decode sends one token per sequence (positions may happen to be consecutive) with cu_seqlen_prefill=None."""
+    model = perturbed_model(tiny_config())
+    x = torch.randn(1, 2, 64)
+    pos = torch.tensor([[5, 6]])
+    smeared = model.model._smear(x, pos, None, None)
+    assert not torch.allclose(smeared[0, 1], x[0, 1])  # as one sequence, token 2 mixes in token 1
+    decode = model.model._smear(x, pos, None, None, server_decode=True)
+    assert torch.equal(decode, x)
