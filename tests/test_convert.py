@@ -140,3 +140,21 @@ def test_existing_output_is_kept_unless_overwrite(converted, tmp_path):
 def test_export_to_transformers_nanochat_refuses_newer_architectures(converted, tmp_path):
     with pytest.raises(ConversionError, match="cannot express"):
         convert(str(converted), str(tmp_path / "x"), to="transformers-nanochat")
+
+
+def test_gpu_style_checkpoint_bf16_embeddings_and_compile_prefix(tmp_path):
+    """GPU runs save bf16 wte/value embeddings (fp32 elsewhere), compiled runs prefix keys with `_orig_mod.`."""
+    src = tmp_path / "gpu"
+    shutil.copytree(CURRENT, src)
+    state = torch.load(src / "model_000007.pt")
+    bf16 = {k: (v.bfloat16() if k == "transformer.wte.weight" or k.startswith("value_embeds.") else v)
+            for k, v in state.items()}
+    torch.save({"_orig_mod." + k: v for k, v in bf16.items()}, src / "model_000007.pt")
+    convert(str(src), str(tmp_path / "hf"), tokenizer_dir=str(TOKENIZER))
+    model = NanoChatForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # upcast on load, exactly
+    assert torch.equal(model.model.embed_tokens.weight, bf16["transformer.wte.weight"].float())
+    convert(str(tmp_path / "hf"), str(tmp_path / "back"), to="nanochat")
+    back = torch.load(tmp_path / "back" / "model_000007.pt")
+    assert back.keys() == bf16.keys()
+    assert all(back[k].dtype == bf16[k].dtype and torch.equal(back[k], bf16[k]) for k in bf16)

@@ -263,3 +263,12 @@ def test_smear_is_dropped_not_leaked_on_tgi_decode_steps():
     assert not torch.allclose(smeared[0, 1], x[0, 1])  # as one sequence, token 2 mixes in token 1
     decode = model.model._smear(x, pos, None, None, server_decode=True)
     assert torch.equal(decode, x)
+
+
+def test_flex_attention_matches_nanochat():
+    """flex_attention builds its block mask from the same mask functions (windows, causality); CPU compile ~15 s."""
+    model, _, golden = _golden_model("nanochat_current", None)
+    model.config._attn_implementation = "flex_attention"
+    with torch.no_grad():
+        logits = model(golden["input_ids"]).logits
+    assert (logits - golden["logits"]).abs().max().item() <= 1e-4
