@@ -42,31 +42,24 @@ def alternating_value_embed_layers(num_layers: int) -> list[int]:
     return [i for i in range(num_layers) if i % 2 == (num_layers - 1) % 2]
 
 
-# Each era is the set of field values nanochat's gpt.py had between two commits. `None` for a window rule means
-# full causal attention everywhere (no windows existed yet). The converter infers the era from the checkpoint's keys
-# where that is unambiguous. Dates are nanochat commit dates.
-ARCHITECTURE_ERAS = {
-    # 3a5e0bc (initial) .. 2026-01-10: plain pre-norm GPT with QK-norm, ReLU^2, untied head; rotary tables in bf16.
-    "2025-10": dict(rope_theta=10_000.0, qk_norm_scale=1.0, final_logit_softcapping=15.0, residual_lambdas=False,
-                    value_embeds=False, smear=False, backout=False, window_rule=None, rope_bf16_tables=True),
-    # aa530cd / fbc1484 / e85db6b (2026-01-11..16) .. 2026-03-01: + resid/x0 lambdas, S/L windows (S = T/2),
-    # value embeddings on alternating layers with a 32-channel gate of range (0, 2).
-    "2026-01": dict(rope_theta=10_000.0, qk_norm_scale=1.0, final_logit_softcapping=15.0, residual_lambdas=True,
-                    value_embeds=True, ve_gate_channels=32, ve_gate_scale=2.0, smear=False, backout=False,
-                    window_rule="half", rope_bf16_tables=True),
-    # aba30cb / 1076f97 (2026-03-02..08): logit softcap 20; from 03-04 rotary tables follow the compute dtype.
-    "2026-03-02": dict(rope_theta=10_000.0, qk_norm_scale=1.0, final_logit_softcapping=20.0, residual_lambdas=True,
-                       value_embeds=True, ve_gate_channels=32, ve_gate_scale=2.0, smear=False, backout=False,
-                       window_rule="half", rope_bf16_tables=False),
-    # 6ed7d1d (2026-03-09..13): RoPE base 100k, QK x1.15, 12-channel gate of range (0, 3), S = T/3, softcap 15.
-    "2026-03-09": dict(rope_theta=100_000.0, qk_norm_scale=1.15, final_logit_softcapping=15.0, residual_lambdas=True,
-                       value_embeds=True, ve_gate_channels=12, ve_gate_scale=3.0, smear=False, backout=False,
-                       window_rule="third_128", rope_bf16_tables=False),
-    # a825e63 (2026-03-14) .. HEAD 92d63d4 (2026-07-03): + smear, backout, QK x1.2, S = T/4.
-    "2026-03-14": dict(rope_theta=100_000.0, qk_norm_scale=1.2, final_logit_softcapping=15.0, residual_lambdas=True,
-                       value_embeds=True, ve_gate_channels=12, ve_gate_scale=3.0, smear=True, backout=True,
-                       window_rule="quarter_128", rope_bf16_tables=False),
-}
+# Each era is the set of field values nanochat's gpt.py had between two commits, written as the previous era plus
+# what changed. A `None` window rule means full causal attention everywhere (no windows existed yet). The converter
+# infers the era from a checkpoint's keys where that is unambiguous. Dates are nanochat commit dates.
+_ERA_2025_10 = dict(  # 3a5e0bc (initial) .. 2026-01-10: pre-norm GPT, QK-norm, ReLU^2, untied head, bf16 rotary tables
+    rope_theta=10_000.0, qk_norm_scale=1.0, final_logit_softcapping=15.0, residual_lambdas=False, value_embeds=False,
+    smear=False, backout=False, window_rule=None, rope_bf16_tables=True)
+_ERA_2026_01 = {**_ERA_2025_10, **dict(  # aa530cd/fbc1484/e85db6b (01-11..16): lambdas, S/L windows, value embeds
+    residual_lambdas=True, value_embeds=True, ve_gate_channels=32, ve_gate_scale=2.0, window_rule="half")}
+_ERA_2026_03_02 = {**_ERA_2026_01, **dict(  # aba30cb/1076f97 (03-02..08): softcap 20; tables follow compute dtype
+    # (from 1076f97 on 03-04; a 03-02/03 checkpoint rounds them to bf16: set rope_bf16_tables=True for it)
+    final_logit_softcapping=20.0, rope_bf16_tables=False)}
+_ERA_2026_03_09 = {**_ERA_2026_03_02, **dict(  # 6ed7d1d (03-09..13): RoPE 100k, QK x1.15, 12-ch x3 gate, S = T/3
+    rope_theta=100_000.0, qk_norm_scale=1.15, final_logit_softcapping=15.0, ve_gate_channels=12, ve_gate_scale=3.0,
+    window_rule="third_128")}
+_ERA_2026_03_14 = {**_ERA_2026_03_09, **dict(  # a825e63 (03-14) .. HEAD 92d63d4: smear, backout, QK x1.2, S = T/4
+    smear=True, backout=True, qk_norm_scale=1.2, window_rule="quarter_128")}
+ARCHITECTURE_ERAS = {"2025-10": _ERA_2025_10, "2026-01": _ERA_2026_01, "2026-03-02": _ERA_2026_03_02,
+                     "2026-03-09": _ERA_2026_03_09, "2026-03-14": _ERA_2026_03_14}
 ARCHITECTURE_ERAS["current"] = ARCHITECTURE_ERAS["2026-03-14"]
 
 
