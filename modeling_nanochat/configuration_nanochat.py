@@ -24,6 +24,11 @@ NANOCHAT_RMS_NORM_EPS = 1.1920928955078125e-07
 NANOCHAT_SPECIAL_TOKENS = 9  # <|bos|> ... <|output_end|> are the last 9 ids of a nanochat vocabulary
 
 WINDOW_RULES = ("quarter_128", "third_128", "half")
+AUTO_MAP = {
+    "AutoConfig": "configuration_nanochat.NanoChatConfig",
+    "AutoModel": "modeling_nanochat.NanoChatModel",
+    "AutoModelForCausalLM": "modeling_nanochat.NanoChatForCausalLM",
+}
 
 
 def short_window_for(sequence_len: int, rule: str = "quarter_128") -> int:
@@ -259,6 +264,9 @@ class NanoChatConfig(_BaseConfig):
             eos_token_id = vocab_size - NANOCHAT_SPECIAL_TOKENS + 4  # <|assistant_end|>
         if pad_token_id is None:
             pad_token_id = bos_token_id  # nanochat pads with <|bos|> and masks it
+        # Every save (ours, Trainer's, TRL's) must name all three Auto classes: vLLM needs AutoModel, and a plain
+        # save_pretrained of the CausalLM would write only AutoConfig/AutoModelForCausalLM.
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
         if self.tie_word_embeddings:

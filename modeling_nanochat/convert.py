@@ -207,17 +207,6 @@ def load_transformers_nanochat(src):
 # writing
 
 
-def _generation_config(config, tokenizer):
-    from transformers import GenerationConfig
-    bos, eos, pad = config.bos_token_id, config.eos_token_id, config.pad_token_id
-    if tokenizer is not None:
-        bos = tokenizer.convert_tokens_to_ids("<|bos|>")
-        eos = tokenizer.convert_tokens_to_ids("<|assistant_end|>")
-        pad = bos
-    # stop at the end of the assistant turn, and at <|bos|> (a new document) as nanochat's Engine does
-    return GenerationConfig(bos_token_id=bos, eos_token_id=[eos, bos], pad_token_id=pad, do_sample=False)
-
-
 def save_hf_checkpoint(state, config, out_dir, tokenizer_src=None, overwrite=False, extra_files=None, tokenizer=None):
     """Write a complete HF directory atomically: weights, config with auto_map, modeling files, generation config,
     tokenizer (converted from nanochat's tokenizer.pkl when `tokenizer_src` is a nanochat tokenizer dir)."""
@@ -232,37 +221,18 @@ def save_hf_checkpoint(state, config, out_dir, tokenizer_src=None, overwrite=Fal
         if tokenizer is not None:
             config.bos_token_id = tokenizer.convert_tokens_to_ids("<|bos|>")
             config.eos_token_id = tokenizer.convert_tokens_to_ids("<|assistant_end|>")
-            config.pad_token_id = config.bos_token_id
+            config.pad_token_id = config.bos_token_id  # nanochat pads with <|bos|> and masks it
             if len(tokenizer) != config.vocab_size:
                 raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but the model {config.vocab_size}; "
                                       "pass the tokenizer the model was trained with (--tokenizer-dir)")
         with torch.device("meta"):
-            model = NanoChatForCausalLM(config)
-        model.generation_config = _generation_config(config, tokenizer)
-        save_pretrained_with_code(model, tmp, state_dict=state)
+            model = NanoChatForCausalLM(config)  # its generation config stops on <|assistant_end|> and <|bos|>
+        # writes weights, config with auto_map (all three Auto classes) and the two remote-code files
+        model.save_pretrained(tmp, state_dict=state)
         for name, payload in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(payload, f, indent=2)
     return out_dir
-
-
-def save_pretrained_with_code(model, out_dir, **kwargs):
-    """save_pretrained plus everything a process without our package needs: auto_map with AutoModel too (vLLM
-    requires it; save_pretrained of the CausalLM alone writes only AutoConfig/AutoModelForCausalLM)."""
-    model.config.auto_map = {
-        "AutoConfig": "configuration_nanochat.NanoChatConfig",
-        "AutoModel": "modeling_nanochat.NanoChatModel",
-        "AutoModelForCausalLM": "modeling_nanochat.NanoChatForCausalLM",
-    }
-    model.save_pretrained(out_dir, **kwargs)
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in ("configuration_nanochat.py", "modeling_nanochat.py"):
-        shutil.copyfile(os.path.join(here, name), os.path.join(out_dir, name))
-    with open(os.path.join(out_dir, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["auto_map"] = model.config.auto_map
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
 
 
 class _atomic_dir:

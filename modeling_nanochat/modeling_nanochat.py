@@ -475,6 +475,11 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = _set_init(nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False), "normal", 0.0, 0.001)
         self.post_init()
+        if getattr(self, "generation_config", None) is not None:
+            # a chat turn ends at <|assistant_end|>; <|bos|> starts a new document (nanochat's Engine stops on both)
+            self.generation_config.eos_token_id = [config.eos_token_id, config.bos_token_id]
+            self.generation_config.pad_token_id = config.pad_token_id
+            self.generation_config.bos_token_id = config.bos_token_id
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

@@ -448,3 +448,19 @@ def test_single_process_state_dict_roundtrip():
         set_grads(m, rank_grads(m, 2, 0))
         o.step()
     assert max_abs_diff(params_of(model), params_of(clone)) == 0
+
+
+def test_build_param_groups_on_the_real_model():
+    """The real NanoChatForCausalLM's parameter names land in nanochat's groups (reference §3.1, d12)."""
+    from modeling_nanochat import NanoChatConfig, NanoChatForCausalLM
+    with torch.device("meta"):
+        model = NanoChatForCausalLM(NanoChatConfig(depth=12))
+    groups = build_param_groups(model, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, scalar_lr=0.5)
+    placed = sum(len(g["params"]) for g in groups)
+    assert placed == len(list(model.parameters()))
+    by_name = {g["name"]: g for g in groups}
+    assert [len(by_name[n]["params"]) for n in ("lm_head", "embedding", "value_embeds", "resid", "x0", "smear")] == \
+        [1, 1, 6, 1, 1, 3]
+    muon = [tuple(g["params"][0].shape) for g in groups if g["kind"] == "muon"]
+    assert muon == [(6, 12), (768, 768), (768, 3072), (3072, 768)]
+    assert [len(g["params"]) for g in groups if g["kind"] == "muon"] == [6, 48, 12, 12]
