@@ -11,10 +11,16 @@ Loss mask (1 = trained on): assistant text, python calls (with their two special
 everything else — BOS, user turns, <|assistant_start|>, tool outputs — is 0.
 
 The renderer encodes every message/part on its own with ``encode_ordinary``, so a user typing "<|bos|>" gets
-plain bytes, never the special id. ``CHAT_TEMPLATE`` produces the same ids and ``{% generation %}`` mask through
-``apply_chat_template`` (TRL, TGI, vLLM, transformers serve), with two documented limits: a special-token string
-typed inside a message becomes the special token there (the template renders one string and the tokenizer then
-matches specials), and two *adjacent* text parts are tokenized as one string (the renderer encodes them apart).
+plain bytes, never the special id. ``CHAT_TEMPLATE`` produces the same ids and the same ``{% generation %}`` mask
+through ``apply_chat_template`` (TRL's assistant_only_loss, TGI, vLLM, transformers serve) — checked against the
+renderer in tests/test_chat_format.py — except in these documented cases:
+* a special-token string typed inside a message becomes the special token (the template renders one string, and
+  the tokenizer then matches specials in it); use the renderer for untrusted text;
+* two *adjacent* text parts are tokenized as one string (the renderer encodes them apart);
+* transformers maps a generation span to tokens through the span's last *character*, so if a supervised span ends
+  in a multi-byte character right before a python_output part (text directly followed by a tool output, with no
+  python call between), the tokens holding that character's last bytes are left unmasked. Supervised spans are
+  therefore grouped so that every other span ends in a special token (<|python_end|> or <|assistant_end|>).
 """
 
 from __future__ import annotations

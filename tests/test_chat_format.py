@@ -129,3 +129,27 @@ def test_template_rejects_bad_roles(golden):
     tok, _ = golden
     with pytest.raises(Exception, match="alternate"):
         tok.apply_chat_template([{"role": "assistant", "content": "x"}], tokenize=False)
+
+
+def test_template_renders_the_same_in_minijinja(golden):
+    # TGI renders chat templates with minijinja after deleting the exact generation markers
+    minijinja = pytest.importorskip("minijinja", reason="dev dependency minijinja (TGI's template engine) missing")
+    tok, cases = golden
+    env = minijinja.Environment()
+    env.add_function("raise_exception", lambda msg: (_ for _ in ()).throw(ValueError(msg)))
+    env.add_template("chat", CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", ""))
+    for case in cases:
+        msgs = case["conversation"]["messages"]
+        for prompt in (False, True):
+            ours = env.render_template("chat", messages=msgs, bos_token=tok.bos_token, add_generation_prompt=prompt)
+            assert ours == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+
+
+def test_template_masks_multibyte_text_next_to_tool_parts(golden):
+    # each emoji spans several byte tokens; the template's spans must still cover all of them
+    tok, _ = golden
+    messages = [{"role": "user", "content": "🌍?"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "café 🌍"}, {"type": "python", "text": "'🌍'.count('🌍')"},
+        {"type": "python_output", "text": "1 ✓"}, {"type": "text", "text": "one 🌍"}]}]
+    out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert (out["input_ids"], out["assistant_masks"]) == render_conversation(tok, {"messages": messages})
