@@ -11,6 +11,7 @@ standard library cut into 10,000-char documents: the same bytes on every machine
 
 import argparse
 import json
+import os
 import platform
 import sys
 import sysconfig
@@ -50,13 +51,17 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
+def stats(library, vocab, train_s, encode_s, ids, n_bytes):
+    n_tokens = sum(map(len, ids))
+    return {"library": library, "vocab": vocab, "train_s": round(train_s, 3), "encode_batch_s": round(encode_s, 3),
+            "encode_mb_per_s": round(n_bytes / encode_s / 1e6, 2), "tokens": n_tokens,
+            "bytes_per_token": round(n_bytes / n_tokens, 4)}
+
+
 def bench_ours(docs, vocab_size, n_bytes):
     tok, train_s = timed(lambda: train_bpe(iter(docs), vocab_size, show_progress=False))
     ids, enc_s = timed(lambda: encode_ordinary(tok, docs))
-    n_tokens = sum(map(len, ids))
-    return {"library": f"tokenizers {tokenizers.__version__}", "vocab": len(tok), "train_s": round(train_s, 3),
-            "encode_batch_s": round(enc_s, 3), "encode_mb_per_s": round(n_bytes / enc_s / 1e6, 2),
-            "tokens": n_tokens, "bytes_per_token": round(n_bytes / n_tokens, 4)}
+    return stats(f"tokenizers {tokenizers.__version__}", len(tok), train_s, enc_s, ids, n_bytes)
 
 
 def bench_rustbpe(docs, vocab_size, n_bytes):
@@ -73,11 +78,7 @@ def bench_rustbpe(docs, vocab_size, n_bytes):
     specials = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}
     enc = tiktoken.Encoding(name="bench", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
     ids, enc_s = timed(lambda: enc.encode_ordinary_batch(docs))
-    n_tokens = sum(map(len, ids))
-    return {"library": "rustbpe + tiktoken " + tiktoken.__version__, "vocab": enc.n_vocab,
-            "train_s": round(train_s, 3), "encode_batch_s": round(enc_s, 3),
-            "encode_mb_per_s": round(n_bytes / enc_s / 1e6, 2), "tokens": n_tokens,
-            "bytes_per_token": round(n_bytes / n_tokens, 4)}
+    return stats(f"rustbpe + tiktoken {tiktoken.__version__}", enc.n_vocab, train_s, enc_s, ids, n_bytes)
 
 
 def main(argv=None):
@@ -99,7 +100,7 @@ def main(argv=None):
         "corpus": {"source": args.data or f"python {platform.python_version()} stdlib *.py", "docs": len(docs),
                    "chars": sum(map(len, docs)), "bytes": n_bytes},
         "vocab_size": args.vocab_size,
-        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "ours": bench_ours(docs, args.vocab_size, n_bytes),
     }
     if not args.no_compare:
