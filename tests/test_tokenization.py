@@ -5,7 +5,6 @@ import pickle
 import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +24,6 @@ from modeling_nanochat.tokenization import (
     convert_nanochat_tokenizer,
     encode_ordinary,
     load_token_bytes,
-    save_tokenizer,
     train_bpe,
 )
 
