@@ -55,6 +55,11 @@ except ImportError:  # pragma: no cover - 4.x
 _MASKED_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
 
 
+def _is_compiling():
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def _copy(param, values):
     """Initialise a tensor from values unless transformers already loaded it from a checkpoint."""
     if not getattr(param, "_is_hf_initialized", False):
@@ -393,7 +398,10 @@ class NanoChatModel(NanoChatPreTrainedModel):
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None and input_ids.numel() and int(input_ids.max()) >= self.config.padded_vocab_size:
+        # A clear error for ids from the wrong tokenizer. Only on CPU: on an accelerator the check would cost a host
+        # sync per decode step (there the embedding's own device assert fires instead).
+        if input_ids is not None and input_ids.device.type == "cpu" and input_ids.numel() and \
+                not _is_compiling() and int(input_ids.max()) >= self.config.padded_vocab_size:
             raise ValueError(f"token id {int(input_ids.max())} is outside the vocabulary "
                              f"({self.config.vocab_size}); was this model paired with the right tokenizer?")
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)

@@ -272,3 +272,9 @@ def test_flex_attention_matches_nanochat():
     with torch.no_grad():
         logits = model(golden["input_ids"]).logits
     assert (logits - golden["logits"]).abs().max().item() <= 1e-4
+
+
+def test_ids_from_the_wrong_tokenizer_are_a_clear_error():
+    model = perturbed_model(tiny_config())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[1, 2, 9999]]))
