@@ -15,7 +15,18 @@ from conftest import FIXTURES, IN_CI, REPO, clean_env
 from modeling_nanochat.convert import convert
 
 LOADER = r"""
-import json, sys, torch, transformers
+import importlib.abc, sys
+
+
+class _NotInstalled(importlib.abc.MetaPathFinder):
+    # the package may be pip-installed in this interpreter (CI installs it editable): make it absent, as on a server
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "modeling_nanochat":
+            raise ImportError(f"{name} is not installed here")
+
+
+sys.meta_path.insert(0, _NotInstalled())
+import json, torch, transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 ckpt, out = sys.argv[1], sys.argv[2]
 try:
