@@ -18,9 +18,9 @@ import sys
 import tempfile
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .configuration_nanochat import ARCHITECTURE_ERAS, NanoChatConfig, short_window_for
+from .configuration_nanochat import ARCHITECTURE_ERAS, NanoChatConfig
 
 # nanochat key <-> our key; {i} is a layer index. transformers' own `nanochat` already uses our names.
 KEY_TEMPLATES = [
@@ -102,7 +102,7 @@ def _latest_step(src):
     return steps[-1]
 
 
-def infer_era(state, meta_config):
+def infer_era(state):
     """The architecture era from the keys (see ARCHITECTURE_ERAS); raises when the keys cannot tell."""
     if "smear_gate.weight" in state:
         return "2026-03-14"
@@ -117,26 +117,23 @@ def infer_era(state, meta_config):
         + ", ".join(sorted(ARCHITECTURE_ERAS)))
 
 
-def config_from_nanochat(meta_config, state, era, vocab_size=None):
-    mc = dict(meta_config)
-    seq = mc.get("sequence_len", 2048)
-    settings = dict(ARCHITECTURE_ERAS[era])
-    rule = settings.pop("window_rule")
-    pattern = mc.get("window_pattern", "L") if rule is not None else None  # nanochat's loader: missing -> "L"
+def config_from_nanochat(meta_config, state, era):
+    mc = meta_config
     ve_layers = sorted(int(k.split(".")[1]) for k in state if re.fullmatch(r"value_embeds\.\d+\.weight", k))
     wte_rows = state["transformer.wte.weight"].shape[0]
-    vocab = vocab_size or mc["vocab_size"]
+    vocab = mc["vocab_size"]
     # checkpoints before 2025-12-09 have unpadded embeddings
     pad_to = 64 if -(-vocab // 64) * 64 == wte_rows else (1 if wte_rows == vocab else None)
     if pad_to is None:
         raise ConversionError(f"wte has {wte_rows} rows but the vocabulary has {vocab} tokens (padded to 64: "
                               f"{-(-vocab // 64) * 64}); is the tokenizer the one this model was trained with?")
-    settings.update(value_embeds=bool(ve_layers), value_embed_layers=ve_layers)
-    return NanoChatConfig(
-        num_hidden_layers=mc["n_layer"], hidden_size=mc["n_embd"], num_attention_heads=mc["n_head"],
-        num_key_value_heads=mc.get("n_kv_head", mc["n_head"]), head_dim=mc["n_embd"] // mc["n_head"],
-        vocab_size=vocab, pad_vocab_size_to=pad_to, max_position_embeddings=seq, window_pattern=pattern,
-        short_window=short_window_for(seq, rule) if rule else None, **settings)
+    kw = dict(num_hidden_layers=mc["n_layer"], hidden_size=mc["n_embd"], num_attention_heads=mc["n_head"],
+              num_key_value_heads=mc.get("n_kv_head", mc["n_head"]), head_dim=mc["n_embd"] // mc["n_head"],
+              vocab_size=vocab, pad_vocab_size_to=pad_to, max_position_embeddings=mc.get("sequence_len", 2048),
+              value_embeds=bool(ve_layers), value_embed_layers=ve_layers)
+    if ARCHITECTURE_ERAS[era]["window_rule"] is not None:  # eras before windows existed attend to everything
+        kw["window_pattern"] = mc.get("window_pattern", "L")  # nanochat's loader: missing -> "L"
+    return NanoChatConfig.for_era(era, **kw)
 
 
 def load_nanochat_checkpoint(src, step=None, arch=None):
@@ -157,7 +154,7 @@ def load_nanochat_checkpoint(src, step=None, arch=None):
         raise ConversionError(f"{meta_path} has no model_config; is it a nanochat meta file?")
     if arch is not None and arch not in ARCHITECTURE_ERAS:
         raise ConversionError(f"unknown --arch {arch!r}; choose one of {sorted(ARCHITECTURE_ERAS)}")
-    era = arch or infer_era(state, meta["model_config"])
+    era = arch or infer_era(state)
     config = config_from_nanochat(meta["model_config"], state, era)
     ours = _rename(state, _TO_OURS, "nanochat")
     check_state_dict(ours, config)
@@ -190,7 +187,8 @@ def _load_safetensors_dir(src):
     state = {}
     for f in files:
         state.update(load_file(f))
-    return state
+    # some writers save rotary inv_freq buffers; they are recomputed, never weights
+    return {k: v for k, v in state.items() if not k.endswith("inv_freq")}
 
 
 def load_transformers_nanochat(src):
@@ -198,7 +196,6 @@ def load_transformers_nanochat(src):
         cfg = json.load(f)
     config = config_from_transformers_nanochat(cfg)
     state = _load_safetensors_dir(src)
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     check_state_dict(state, config)  # same parameter names as ours: the rename is the identity
     return state, config
 
@@ -272,7 +269,6 @@ def to_nanochat(src, out_dir, step=None, overwrite=False):
     """Write model_<step>.pt, meta_<step>.json, tokenizer.pkl and token_bytes.pt that nanochat's code loads."""
     config = NanoChatConfig.from_pretrained(src)
     state = _load_safetensors_dir(src)
-    state = {k: v for k, v in state.items() if not k.endswith("inv_freq")}
     check_state_dict(state, config)
     nano = _rename(state, _TO_NANOCHAT, "nanochat-hf")
     origin = {}
@@ -312,7 +308,7 @@ def to_transformers_nanochat(src, out_dir, overwrite=False):
     if differ:
         raise ConversionError(f"transformers' 'nanochat' class cannot express {differ}: only Oct-2025-architecture "
                               "checkpoints (with fp32 rotary tables) export to it; keep this one as nanochat_hf")
-    state = {k: v for k, v in _load_safetensors_dir(src).items() if not k.endswith("inv_freq")}
+    state = _load_safetensors_dir(src)
     hf_config = HFConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,

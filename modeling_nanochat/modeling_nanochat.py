@@ -17,14 +17,12 @@ acts on logits, sits in the CausalLM head.
 """
 
 import inspect
-import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
@@ -147,15 +145,15 @@ class NanoChatAttention(nn.Module):
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.scaling = self.head_dim ** -0.5  # nanochat uses the default softmax scale; the 1.2 acts on q and k
         self.is_causal = True
-        self.window = config.layer_window(layer_idx)
-        self.is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+        window = config.layer_window(layer_idx)
+        self.sliding_window = window + 1 if window >= 0 else None  # HF counts the query itself in the window
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
-        self.has_value_embed = layer_idx in config.value_embed_layers
         # ResFormer value residual: the gate reads the first few channels of the block's normalized input
-        self.ve_gate = nn.Linear(config.ve_gate_channels, self.num_kv_heads, bias=False) if self.has_value_embed else None
+        self.ve_gate = nn.Linear(config.ve_gate_channels, self.num_kv_heads, bias=False) \
+            if layer_idx in config.value_embed_layers else None
         bound = _uniform_bound(config)
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             _set_init(proj, "uniform", -bound, bound)
@@ -181,10 +179,9 @@ class NanoChatAttention(nn.Module):
             q, k = q * self.config.qk_norm_scale, k * self.config.qk_norm_scale
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        sliding = self.window + 1 if self.window >= 0 else None  # HF counts the query itself in the window
         attn_output, attn_weights = _attention_interface(self.config)(
             self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.config.attention_dropout,
-            scaling=self.scaling, sliding_window=sliding, **kwargs)
+            scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
         attn_output = attn_output.reshape(bsz, q_len, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
@@ -355,11 +352,9 @@ class NanoChatModel(NanoChatPreTrainedModel):
             cont[:, 0] = first_pos > 0
         else:
             cont[:, 0] = False
-        if attention_mask is not None and attention_mask.dim() == 2:
-            am = attention_mask[:, -x.shape[1]:].bool()
-            prev_am = torch.cat([attention_mask[:, -x.shape[1] - 1: -x.shape[1]].bool()
-                                 if attention_mask.shape[1] > x.shape[1] else torch.zeros_like(am[:, :1]), am[:, :-1]], 1)
-            cont = cont & am & prev_am
+        if attention_mask is not None and attention_mask.dim() == 2:  # covers past + current tokens
+            seen = F.pad(attention_mask.bool(), (1, 0))  # a leading False: nothing precedes the first token
+            cont = cont & seen[:, -x.shape[1]:] & seen[:, -x.shape[1] - 1: -1]  # this token and the one before
         if cu_seq_lens is not None:  # varlen batches (flash attention / TGI prefill): starts of sequences
             starts = cu_seq_lens[:-1].long()
             starts = starts[starts < x.shape[1]]
