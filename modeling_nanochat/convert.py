@@ -208,7 +208,7 @@ def save_hf_checkpoint(state, config, out_dir, tokenizer_src=None, overwrite=Fal
     """Write a complete HF directory atomically: weights, config with auto_map, modeling files, generation config,
     tokenizer (converted from nanochat's tokenizer.pkl when `tokenizer_src` is a nanochat tokenizer dir)."""
     from .modeling_nanochat import NanoChatForCausalLM
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         if tokenizer is None and tokenizer_src is not None:
             from .tokenization import convert_nanochat_tokenizer
             tokenizer = convert_nanochat_tokenizer(tokenizer_src, tmp)
@@ -232,8 +232,9 @@ def save_hf_checkpoint(state, config, out_dir, tokenizer_src=None, overwrite=Fal
     return out_dir
 
 
-class _atomic_dir:
-    """Build into a sibling temp dir; on success swap it into place (the old dir is removed only afterwards)."""
+class atomic_dir:
+    """Build into a sibling temp dir; on success swap it into place (the old dir is removed only afterwards), so a
+    crash never leaves a half-written directory under the final name. Used for every checkpoint this package writes."""
 
     def __init__(self, out_dir, overwrite):
         self.out_dir = os.path.abspath(out_dir)
@@ -244,7 +245,7 @@ class _atomic_dir:
     def __enter__(self):
         parent = os.path.dirname(self.out_dir)
         os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=".tmp-convert-", dir=parent)
+        self.tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(self.out_dir) + "-", dir=parent)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -285,7 +286,7 @@ def to_nanochat(src, out_dir, step=None, overwrite=False):
     }
     meta = dict(origin)
     meta.update(step=step, model_config=model_config)
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         torch.save(nano, os.path.join(tmp, f"model_{step:06d}.pt"))
         with open(os.path.join(tmp, f"meta_{step:06d}.json"), "w") as f:
             json.dump(meta, f, indent=2)
@@ -319,7 +320,7 @@ def to_transformers_nanochat(src, out_dir, overwrite=False):
     if config.padded_vocab_size != config.vocab_size:
         raise ConversionError("transformers' 'nanochat' has no vocabulary padding; this checkpoint pads "
                               f"{config.vocab_size} to {config.padded_vocab_size}")
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         with torch.device("meta"):
             model = HFModel(hf_config)
         model.save_pretrained(tmp, state_dict=state)
