@@ -1,0 +1,400 @@
+"""The pretraining loop (nanochat's base_train) on Accelerate: `recipes/pretrain.py` parses flags and calls `run`.
+
+One optimizer step = `grad_accum_steps` micro-batches per process, loss scaled by 1/grad_accum_steps, then the
+scheduled LR / Muon momentum / Muon weight decay are written into the param groups and the optimizer steps.
+
+Two optimizer paths:
+* faithful (default): nanochat's MuonAdamW. The model is NOT wrapped in DDP: like nanochat, the optimizer averages
+  gradients itself (reduce-scatter / all-gather, ZeRO-2 style sharded state). Accelerate provides the process group,
+  device, autocast and trackers.
+* DeepSpeed ZeRO-2/3 (an accelerate config with `distributed_type: DEEPSPEED`): DeepSpeed's own Muon (or AdamW),
+  see `zero.py`; this trades nanochat's exact optimizer for ZeRO memory scaling.
+
+Everything else follows nanochat: evaluation of val bits-per-byte every `eval_every` steps on a freshly built val
+loader, CORE every `core_every` steps, greedy samples, EMA-smoothed loss for display, timing that skips the first
+10 steps, GC frozen after the first step. What we add: `metrics.jsonl` (one JSON object per step), step-exact resume
+(see `checkpointing.py` and the data loader's state), SIGINT/SIGTERM checkpointing, and a progress bar with tok/s,
+MFU and ETA.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from .checkpointing import (checkpoint_path, latest_checkpoint, list_checkpoints, load_training_state,
+                            prune_checkpoints, remove_stale_temp_dirs, save_checkpoint)
+from .scaling import plan_training
+
+SAMPLE_PROMPTS = (  # nanochat's base_train sample prompts
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+)
+
+
+class RunError(ValueError):
+    """A problem with the run's settings or output directory, reported before any compute."""
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps completed
+    smooth_loss: float = 0.0  # EMA (beta 0.9) of the training loss, not yet debiased
+    val_bpb: float | None = None
+    min_val_bpb: float = math.inf
+    total_training_time: float = 0.0  # seconds, excluding the first 10 steps and all evaluation
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    rank, world = _world()
+    if world > 1:
+        dist.all_reduce(t)
+        t = t / world
+    return t
+
+
+def _any_rank(flag: bool, device) -> bool:
+    rank, world = _world()
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM only set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop right away
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+class Pretrainer:
+    """Owns the model, optimizer, loaders and loop state of one run (see module docstring)."""
+
+    def __init__(self, *, accelerator, model, tokenizer, optimizer, plan, train_loader, make_val_loader, token_bytes,
+                 args, train_model=None, deepspeed_engine=None, run_config=None):
+        self.acc = accelerator
+        self.model = model  # the plain module: evaluation, sampling, saving
+        self.train_model = train_model or model  # possibly torch.compile'd or a DeepSpeed engine
+        self.ds = deepspeed_engine
+        self.tokenizer = tokenizer
+        self.optimizer = optimizer
+        self.plan = plan
+        self.train_loader = train_loader
+        self.make_val_loader = make_val_loader
+        self.token_bytes = token_bytes
+        self.args = args
+        self.run_config = run_config or {}
+        self.state = LoopState()
+        self.out = args.output_dir
+        self.device = accelerator.device
+        self.rank, self.world = _world()
+        self.is_main = self.rank == 0
+        self.peak = _peak_flops(self.device)
+        self.resume_step = None
+
+    # -- one optimizer step ------------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        """Run one optimizer step at `self.state.step`; returns the mean loss over micro-batches and ranks."""
+        plan, it = self.plan, self.state.step
+        total = torch.zeros((), device=self.device)
+        for _ in range(plan.grad_accum_steps):
+            x, y = next(self.train_loader)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True).contiguous()
+            with self.acc.autocast():
+                loss = self.train_model(input_ids=x, labels=y, shift_labels=y).loss
+            total += loss.detach()
+            if self.ds is not None:
+                self.ds.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps itself
+            else:
+                (loss / plan.grad_accum_steps).backward()  # each backward sums grads: normalise here
+        lrm = plan.lr_multiplier(it)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group.get("kind") == "muon":
+                group["momentum"] = plan.muon_momentum(it)
+                group["weight_decay"] = plan.muon_weight_decay(it)
+        if self.ds is not None:
+            self.ds.step()
+        else:
+            self.optimizer.step()
+            self.model.zero_grad(set_to_none=True)
+        return _all_reduce_mean(total / plan.grad_accum_steps).item()  # .item(): the step's one host sync
+
+    # -- evaluation and samples ------------------------------------------------------------------------------
+    def evaluate_bpb(self) -> float:
+        from evaluation.bpb import evaluate_bpb
+
+        steps = max(1, self.args.eval_tokens // (self.plan.device_batch_size * self.plan.max_seq_len * self.world))
+        self.model.eval()
+        try:
+            return evaluate_bpb(self.model, self.make_val_loader(), steps, self.token_bytes, autocast=self.acc.autocast)
+        finally:
+            self.model.train()
+
+    def evaluate_core(self) -> dict | None:
+        try:
+            from evaluation.core import evaluate_core
+        except ImportError as e:  # pragma: no cover - the evaluation package ships with this repo
+            raise RunError(f"--core-every needs the evaluation package ({e})") from e
+        self.model.eval()
+        try:
+            with self.acc.autocast():
+                return evaluate_core(self.model, self.tokenizer, self.args.core_bundle,
+                                     max_per_task=self.args.core_max_per_task, device=self.device)
+        finally:
+            self.model.train()
+
+    @torch.no_grad()
+    def samples(self) -> list[str]:
+        self.model.eval()
+        out = []
+        bos = self.tokenizer.convert_tokens_to_ids("<|bos|>")
+        from .tokenization import encode_ordinary
+        try:
+            for prompt in SAMPLE_PROMPTS:
+                ids = torch.tensor([[bos] + encode_ordinary(self.tokenizer, prompt)], device=self.device)
+                with self.acc.autocast():
+                    gen = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                              do_sample=False, eos_token_id=None, pad_token_id=bos)
+                out.append(self.tokenizer.decode(gen[0, 1:].tolist()))
+        finally:
+            self.model.train()
+        return out
+
+    # -- saving ----------------------------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {"step": self.state.step, "loop_state": asdict(self.state), "world_size": self.world,
+                "plan": self.plan.to_dict(), "run_config": self.run_config}
+
+    def save(self, final: bool = False) -> str:
+        """Checkpoint at the current step; every rank must call this (optimizer and loader states are gathered)."""
+        from accelerate.utils import gather_object
+
+        opt_state = self.optimizer.state_dict() if self.ds is None else None  # collective for MuonAdamW
+        loader_states = gather_object([self.train_loader.state_dict()])
+        path = checkpoint_path(self.out, self.state.step)
+        if self.ds is not None:
+            from .zero import save_zero_checkpoint
+            save_zero_checkpoint(self, path, loader_states)
+        elif self.is_main:
+            save_checkpoint(path, model=self.model, tokenizer=self.tokenizer, optimizer_state=opt_state,
+                            loader_states=loader_states, trainer_state=self.trainer_state())
+            if final:
+                publish_final_model(path, self.out)
+            prune_checkpoints(self.out, self.args.keep_last)
+        self.acc.wait_for_everyone()
+        return path
+
+    def resume_from(self, path: str) -> None:
+        trainer_state, opt_state, loader_states = load_training_state(path)
+        if trainer_state["world_size"] != self.world:
+            raise RunError(
+                f"{path} was saved by {trainer_state['world_size']} processes but this run has {self.world}: the data "
+                "loader's position is per process, so an exact resume needs the same number of processes. Launch "
+                f"with --num_processes {trainer_state['world_size']}, or start a new --output-dir and load the weights "
+                f"with --init-from {path}")
+        saved_plan = trainer_state["plan"]
+        for key in ("depth", "max_seq_len", "vocab_size", "total_batch_size", "device_batch_size", "num_iterations"):
+            if saved_plan[key] != getattr(self.plan, key):
+                raise RunError(f"--resume: {key} is {getattr(self.plan, key)} now but {saved_plan[key]} in {path}; "
+                               "resume with the same settings, or use a new --output-dir")
+        from safetensors.torch import load_file
+        state = load_file(os.path.join(path, "model.safetensors"))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "inv_freq" not in k]:
+            raise RunError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+        if self.ds is None:
+            self.optimizer.load_state_dict(opt_state)
+        self.train_loader.load_state_dict(loader_states[self.rank])
+        self.state = LoopState(**trainer_state["loop_state"])
+        self.resume_step = self.state.step
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def run(self) -> LoopState:
+        from tqdm.auto import tqdm
+
+        args, plan, st = self.args, self.plan, self.state
+        metrics = MetricsLog(os.path.join(self.out, "metrics.jsonl"), self.is_main, truncate_from=st.step)
+        bar = tqdm(total=plan.num_iterations, initial=st.step, disable=not self.is_main, unit="step",
+                   dynamic_ncols=True, desc=f"d{plan.depth}")
+        log = bar.write if self.is_main else (lambda *a, **k: None)
+        with _StopSignals() as stop:
+            while True:
+                last = st.step == plan.num_iterations
+                flops_so_far = plan.flops_per_token * plan.total_batch_size * st.step
+                if args.eval_every > 0 and (last or st.step % args.eval_every == 0):
+                    st.val_bpb = self.evaluate_bpb()
+                    st.min_val_bpb = min(st.min_val_bpb, st.val_bpb)
+                    log(f"step {st.step:05d} | val bpb {st.val_bpb:.6f}")
+                    metrics.write(step=st.step, val_bpb=st.val_bpb, total_training_flops=flops_so_far,
+                                  total_training_time=st.total_training_time)
+                    self.acc.log({"val/bpb": st.val_bpb}, step=st.step)
+                if args.core_every > 0 and (last or (st.step > 0 and st.step % args.core_every == 0)):
+                    core = self.evaluate_core()
+                    log(f"step {st.step:05d} | CORE {core['core']:.4f}")
+                    metrics.write(step=st.step, core=core["core"],
+                                  core_results={k: v["centered"] for k, v in core["results"].items()})
+                    self.acc.log({"core_metric": core["core"]}, step=st.step)
+                if args.sample_every > 0 and self.is_main and (last or (st.step > 0 and st.step % args.sample_every == 0)):
+                    for text in self.samples():
+                        log(f"  sample: {text!r}")
+                if last:
+                    self.save(final=True)
+                    log(f"done: {st.step} steps, final model in {self.out}")
+                    break
+                if st.step > 0 and st.step != self.resume_step and args.save_every > 0 and st.step % args.save_every == 0:
+                    self.save()
+
+                t0 = time.time()
+                loss = self.train_step()
+                _synchronize(self.device)
+                dt = time.time() - t0
+                if not math.isfinite(loss):
+                    self.acc.end_training()
+                    raise FloatingPointError(f"loss is {loss} at step {st.step}; lower the learning rates or check "
+                                             "the data (the last checkpoint is intact)")
+
+                st.smooth_loss = 0.9 * st.smooth_loss + 0.1 * loss
+                smooth = st.smooth_loss / (1 - 0.9 ** (st.step + 1))
+                tok_per_s = plan.total_batch_size / dt
+                mfu = (100 * plan.flops_per_token * tok_per_s / (self.peak * self.world)) if self.peak else None
+                if st.step > 10:
+                    st.total_training_time += dt
+                lrm = plan.lr_multiplier(st.step)
+                record = dict(step=st.step, loss=loss, smooth_loss=smooth, lrm=lrm, dt=dt, tok_per_s=tok_per_s,
+                              mfu=mfu, total_training_flops=flops_so_far, total_training_time=st.total_training_time)
+                metrics.write(**record)
+                if args.log_every > 0 and st.step % args.log_every == 0:
+                    self.acc.log({f"train/{k}": v for k, v in record.items() if k != "step" and v is not None},
+                                 step=st.step)
+                bar.set_postfix_str(f"loss {smooth:.4f} | lrm {lrm:.2f} | {tok_per_s:,.0f} tok/s"
+                                    + (f" | mfu {mfu:.1f}%" if mfu is not None else ""), refresh=False)
+                bar.update(1)
+                first_step = st.step == 0 or st.step == self.resume_step
+                st.step += 1
+                if first_step:  # nanochat: the GC's cycle scans cost ~500 ms now and then; freeze the setup garbage
+                    gc.collect()
+                    gc.freeze()
+                    gc.disable()
+                elif st.step % 5000 == 0:
+                    gc.collect()
+
+                if _any_rank(stop.signum is not None, self.device):
+                    log(f"signal received: saving a checkpoint at step {st.step} before exiting")
+                    self.save()
+                    bar.close()
+                    self.acc.end_training()
+                    gc.enable()
+                    sys.exit(128 + (stop.signum or signal.SIGTERM))
+        bar.close()
+        gc.enable()
+        self.acc.end_training()
+        return st
+
+
+class MetricsLog:
+    """`<output-dir>/metrics.jsonl`: one JSON object per line, written by the main process and flushed each line.
+    On resume, lines at or after the resumed step are dropped (they are recomputed, so nothing is duplicated)."""
+
+    def __init__(self, path, enabled, truncate_from=0):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        if os.path.exists(path):
+            with open(path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line)["step"] < truncate_from]
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, path)
+        self.f = open(path, "a")
+
+    def write(self, **record):
+        if self.enabled:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
+
+
+def publish_final_model(checkpoint: str, output_dir: str) -> None:
+    """Copy the final checkpoint's model files (not its training state) to the output dir root, so
+    `from_pretrained(output_dir)` gives the final model. Each file lands with an atomic rename; config.json comes
+    last, so a reader never sees a config whose weights are not in place yet."""
+    names = sorted(n for n in os.listdir(checkpoint) if os.path.isfile(os.path.join(checkpoint, n)))
+    names.sort(key=lambda n: n == "config.json")
+    for name in names:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-final-", dir=output_dir)
+        os.close(fd)
+        shutil.copyfile(os.path.join(checkpoint, name), tmp)
+        os.replace(tmp, os.path.join(output_dir, name))
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_flops(device):
+    from .scaling import peak_flops
+    return peak_flops(device)
+
+
+def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool, is_main: bool) -> str | None:
+    """Validate the output directory before any compute; returns the checkpoint to resume from (or None)."""
+    exists = os.path.isdir(output_dir) and any(not n.startswith(".") for n in os.listdir(output_dir))
+    if resume:
+        ckpt = latest_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        return ckpt
+    if exists and not overwrite:
+        raise RunError(f"{output_dir} already holds a run; pass --resume to continue it from its last checkpoint, "
+                       "--overwrite to start over (its checkpoints and metrics are deleted), or another --output-dir")
+    if exists and overwrite and is_main:
+        for _, path in list_checkpoints(output_dir):
+            shutil.rmtree(path)
+        for name in ("metrics.jsonl", "run_config.json"):
+            if os.path.exists(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
+    return None
+
+
+__all__ = ["Pretrainer", "LoopState", "MetricsLog", "RunError", "prepare_output_dir", "publish_final_model",
+           "plan_training", "remove_stale_temp_dirs"]
