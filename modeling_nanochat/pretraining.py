@@ -280,7 +280,10 @@ class Pretrainer:
                         log(f"  sample: {text!r}")
                 if last:
                     self.save(final=True)
-                    log(f"done: {st.step} steps, final model in {self.out}")
+                    if self.is_main:
+                        from .run_report import write_run_report
+                        write_run_report(self.out)
+                    log(f"done: {st.step} steps, final model in {self.out} (summary.md, loss.png)")
                     break
                 if st.step > 0 and st.step != self.resume_step and args.save_every > 0 and st.step % args.save_every == 0:
                     self.save()

@@ -111,6 +111,8 @@ def test_two_processes_really_run_and_learn(two_process_run):
     model = NanoChatForCausalLM.from_pretrained(two_process_run)
     assert model.config.num_hidden_layers == 2
     assert (two_process_run / f"checkpoint-{STEPS}" / "training_state" / "optimizer.pt").exists()
+    summary = (two_process_run / "summary.md").read_text()
+    assert f"| steps done | {STEPS} |" in summary and (two_process_run / "loss.png").stat().st_size > 10_000
 
 
 def test_two_processes_equal_one_process_fed_the_same_global_batches(assets, two_process_run):
