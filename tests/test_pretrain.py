@@ -215,3 +215,15 @@ def test_print_plan(assets):
     assert p.returncode == 0, p.stderr
     plan = json.loads(p.stdout)
     assert plan["vocab_size"] == 512 and plan["depth"] == 12 and plan["grad_accum_steps"] == 8
+
+
+def test_tensorboard_tracker_gets_the_metrics(assets, tmp_path):
+    out = tmp_path / "tb"
+    _run(assets, out, 1, "--num-iterations", "3", "--report-to", "tensorboard", "--run-name", "tiny")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, list(out.rglob("*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [0, 1, 2]
+    assert [e.step for e in acc.Scalars("val/bpb")] == [0, 3]
