@@ -313,7 +313,7 @@ def save_hf_checkpoint_zero(accelerator, model, out_dir, *, safe_serialization: 
     """Save a normal Hugging Face model directory from a DeepSpeed engine (ZeRO-1/2/3). Call on every rank: under
     ZeRO-3 the full weights are gathered collectively (``stage3_gather_16bit_weights_on_model_save``, which
     `configure_deepspeed` turns on); only rank 0 writes. Weights come in the model's dtype (bf16 under bf16 mixed
-    precision); the fp32 masters stay in DeepSpeed's own checkpoint (``accelerator.save_state``)."""
+    precision); the fp32 masters stay in DeepSpeed's own checkpoint (``engine.save_checkpoint``)."""
     state_dict = accelerator.get_state_dict(model)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if rank == 0:
