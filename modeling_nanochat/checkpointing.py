@@ -6,6 +6,7 @@
         training_state/
             trainer_state.json   step, loop state (EMA loss, best val bpb, training time), plan, args, world size
             optimizer.pt         the optimizer's world-size-independent state (MuonAdamW.state_dict() gathers shards)
+            deepspeed/           instead of optimizer.pt under DeepSpeed: its per-rank fp32 masters and optimizer
             dataloader.pt        every rank's exact loader state (file, row group, cursor, packing buffer)
 
 Each checkpoint directory is built under a temporary name and renamed into place when complete (`atomic_dir`), so
@@ -76,7 +77,8 @@ def load_training_state(path: str) -> tuple[dict, dict, list]:
     try:
         with open(os.path.join(state_dir, "trainer_state.json")) as f:
             trainer_state = json.load(f)
-        optimizer_state = torch.load(os.path.join(state_dir, "optimizer.pt"), map_location="cpu", weights_only=False)
+        opt_path = os.path.join(state_dir, "optimizer.pt")  # absent under DeepSpeed (its own shards instead)
+        optimizer_state = torch.load(opt_path, map_location="cpu", weights_only=False) if os.path.exists(opt_path) else None
         loaders = torch.load(os.path.join(state_dir, "dataloader.pt"), map_location="cpu", weights_only=False)
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"checkpoint {path} is unreadable ({e}); remove it to resume from the one before") from e

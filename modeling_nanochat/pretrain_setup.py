@@ -132,9 +132,14 @@ def run(args):
                               split=split, rank=rank, world_size=world)
 
     from .modeling_nanochat import NanoChatForCausalLM
+    if deepspeed and (args.fp8 or args.compile):
+        _fail("--fp8/--compile are for the MuonAdamW path; DeepSpeed has its own settings for these", is_main)
     torch.manual_seed(args.seed)
-    model = NanoChatForCausalLM(config).to(acc.device)
-    _broadcast_parameters(model)
+    # _from_config: under ZeRO-3 with zero3_init_flag, transformers builds the model inside deepspeed.zero.Init
+    model = NanoChatForCausalLM._from_config(config)
+    if not deepspeed:  # DeepSpeed moves and broadcasts the (possibly partitioned) parameters itself
+        model.to(acc.device)
+        _broadcast_parameters(model)
     if args.fp8:
         try:
             _apply_fp8(model, acc.device)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from .checkpointing import (checkpoint_path, latest_checkpoint, list_checkpoints, load_training_state,
+from .checkpointing import (STATE_DIR, checkpoint_path, latest_checkpoint, list_checkpoints, load_training_state,
                             prune_checkpoints, remove_stale_temp_dirs, save_checkpoint)
 from .scaling import plan_training
 
@@ -136,26 +136,31 @@ class Pretrainer:
     def train_step(self) -> float:
         """Run one optimizer step at `self.state.step`; returns the mean loss over micro-batches and ranks."""
         plan, it = self.plan, self.state.step
+        lrm = plan.lr_multiplier(it)
+        if self.ds is not None:  # before the micro-batches: ZeRO reads the Muon momentum during the last backward
+            from .zero import set_schedule
+            set_schedule(self.optimizer, lr_multiplier=lrm, muon_momentum=plan.muon_momentum(it),
+                         muon_weight_decay=plan.muon_weight_decay(it))
         total = torch.zeros((), device=self.device)
-        for _ in range(plan.grad_accum_steps):
+        for i in range(plan.grad_accum_steps):
             x, y = next(self.train_loader)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True).contiguous()
             with self.acc.autocast():
                 loss = self.train_model(input_ids=x, labels=y, shift_labels=y).loss
             total += loss.detach()
             if self.ds is not None:
+                self.ds.set_gradient_accumulation_boundary(i == plan.grad_accum_steps - 1)
                 self.ds.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps itself
             else:
                 (loss / plan.grad_accum_steps).backward()  # each backward sums grads: normalise here
-        lrm = plan.lr_multiplier(it)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group.get("kind") == "muon":
-                group["momentum"] = plan.muon_momentum(it)
-                group["weight_decay"] = plan.muon_weight_decay(it)
         if self.ds is not None:
             self.ds.step()
         else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+                if group["kind"] == "muon":
+                    group["momentum"] = plan.muon_momentum(it)
+                    group["weight_decay"] = plan.muon_weight_decay(it)
             self.optimizer.step()
             self.model.zero_grad(set_to_none=True)
         return _all_reduce_mean(total / plan.grad_accum_steps).item()  # .item(): the step's one host sync
@@ -210,13 +215,13 @@ class Pretrainer:
         """Checkpoint at the current step; every rank must call this (optimizer and loader states are gathered)."""
         from accelerate.utils import gather_object
 
-        opt_state = self.optimizer.state_dict() if self.ds is None else None  # collective for MuonAdamW
         loader_states = gather_object([self.train_loader.state_dict()])
         path = checkpoint_path(self.out, self.state.step)
         if self.ds is not None:
-            from .zero import save_zero_checkpoint
-            save_zero_checkpoint(self, path, loader_states)
-        elif self.is_main:
+            self._save_deepspeed(path, loader_states, final)
+            return path
+        opt_state = self.optimizer.state_dict()  # a collective for MuonAdamW: every rank calls it
+        if self.is_main:
             save_checkpoint(path, model=self.model, tokenizer=self.tokenizer, optimizer_state=opt_state,
                             loader_states=loader_states, trainer_state=self.trainer_state())
             if final:
@@ -224,6 +229,33 @@ class Pretrainer:
             prune_checkpoints(self.out, self.args.keep_last)
         self.acc.wait_for_everyone()
         return path
+
+    def _save_deepspeed(self, path: str, loader_states: list, final: bool) -> None:
+        """Under DeepSpeed every rank writes its own optimizer shards, so the temporary directory has a name all ranks
+        know; it is renamed into place by rank 0 once everyone is done (a crash leaves only `.tmp-checkpoint-*`)."""
+        from .tokenization import save_tokenizer
+        from .zero import save_hf_checkpoint_zero
+
+        tmp = os.path.join(self.out, f".tmp-checkpoint-{self.state.step}")
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(os.path.join(tmp, STATE_DIR))
+        self.acc.wait_for_everyone()
+        save_hf_checkpoint_zero(self.acc, self.ds, tmp)  # gathers ZeRO-3 weights; rank 0 writes
+        self.ds.save_checkpoint(os.path.join(tmp, STATE_DIR, "deepspeed"), tag="state")  # fp32 masters, optimizer
+        if self.is_main:
+            save_tokenizer(self.tokenizer, tmp)
+            torch.save({"world_size": len(loader_states), "ranks": loader_states},
+                       os.path.join(tmp, STATE_DIR, "dataloader.pt"))
+            with open(os.path.join(tmp, STATE_DIR, "trainer_state.json"), "w") as f:
+                json.dump(self.trainer_state(), f, indent=2)
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.rename(tmp, path)
+            if final:
+                publish_final_model(path, self.out)
+            prune_checkpoints(self.out, self.args.keep_last)
+        self.acc.wait_for_everyone()
 
     def resume_from(self, path: str) -> None:
         trainer_state, opt_state, loader_states = load_training_state(path)
@@ -233,17 +265,24 @@ class Pretrainer:
                 "loader's position is per process, so an exact resume needs the same number of processes. Launch "
                 f"with --num_processes {trainer_state['world_size']}, or start a new --output-dir and load the weights "
                 f"with --init-from {path}")
+        saved_opt = trainer_state.get("run_config", {}).get("optimizer")
+        if saved_opt != self.run_config.get("optimizer") or (opt_state is None) != (self.ds is not None):
+            raise RunError(f"{path} was trained with optimizer {saved_opt!r}, this run uses "
+                           f"{self.run_config.get('optimizer')!r} (DeepSpeed: {self.ds is not None}); resume with the "
+                           "same accelerate config and --optimizer")
         saved_plan = trainer_state["plan"]
         for key in ("depth", "max_seq_len", "vocab_size", "total_batch_size", "device_batch_size", "num_iterations"):
             if saved_plan[key] != getattr(self.plan, key):
                 raise RunError(f"--resume: {key} is {getattr(self.plan, key)} now but {saved_plan[key]} in {path}; "
                                "resume with the same settings, or use a new --output-dir")
-        from safetensors.torch import load_file
-        state = load_file(os.path.join(path, "model.safetensors"))
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if "inv_freq" not in k]:
-            raise RunError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
-        if self.ds is None:
+        if self.ds is not None:  # DeepSpeed restores the fp32 masters and the optimizer from its own shards
+            self.ds.load_checkpoint(os.path.join(path, STATE_DIR, "deepspeed"), tag="state")
+        else:
+            from safetensors.torch import load_file
+            state = load_file(os.path.join(path, "model.safetensors"))
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            if unexpected or [k for k in missing if "inv_freq" not in k]:
+                raise RunError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
             self.optimizer.load_state_dict(opt_state)
         self.train_loader.load_state_dict(loader_states[self.rank])
         self.state = LoopState(**trainer_state["loop_state"])
@@ -275,8 +314,9 @@ class Pretrainer:
                     metrics.write(step=st.step, core=core["core"],
                                   core_results={k: v["centered"] for k, v in core["results"].items()})
                     self.acc.log({"core_metric": core["core"]}, step=st.step)
-                if args.sample_every > 0 and self.is_main and (last or (st.step > 0 and st.step % args.sample_every == 0)):
-                    for text in self.samples():
+                if args.sample_every > 0 and (self.is_main or self.ds is not None) and \
+                        (last or (st.step > 0 and st.step % args.sample_every == 0)):
+                    for text in self.samples():  # under DeepSpeed all ranks generate: ZeRO-3 gathers collectively
                         log(f"  sample: {text!r}")
                 if last:
                     self.save(final=True)
