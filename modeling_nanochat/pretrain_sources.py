@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from .tokenization import _BUILDERS  # file suffix -> `datasets` builder, shared with the tokenizer corpus reader
 
 ROW_GROUP_SIZE = 1024  # docs per virtual row group for `datasets` sources (nanochat's shards use 1024)
+MIN_ROW_GROUPS = 64  # smaller splits get smaller virtual row groups, so up to 64 ranks each get some documents
 VAL_FRACTION = 0.01  # held-out tail when a `datasets` source has no validation split
 DOWNLOAD_ATTEMPTS = 5
 HUB_ENDPOINT: str | None = None  # None = huggingface_hub's default (HF_ENDPOINT); tests point it at a dead port
@@ -270,8 +271,12 @@ def _split_dataset(name, train, val, text_column, row_group_size) -> DataSource:
         how = f"last {n_val} rows"
     else:
         val = val.select_columns([text_column])
-    return DataSource(f"{name} (val: {how})", [ArrowShard(train, row_group_size, f"{name}:train")],
-                      [ArrowShard(val, row_group_size, f"{name}:val")], text_column)
+    # These row groups are virtual, so a small split is cut into up to MIN_ROW_GROUPS smaller groups: otherwise a
+    # few-thousand-row validation tail is one group and every rank but the first would get no validation data.
+    def size(ds):
+        return max(1, min(row_group_size, -(-len(ds) // MIN_ROW_GROUPS)))
+    return DataSource(f"{name} (val: {how})", [ArrowShard(train, size(train), f"{name}:train")],
+                      [ArrowShard(val, size(val), f"{name}:val")], text_column)
 
 
 # ----------------------------------------------------------------------------------------------------------------

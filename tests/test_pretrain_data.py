@@ -216,14 +216,23 @@ def test_jsonl_holds_out_a_deterministic_tail(jsonl_file, tmp_path):
     val = [t for g in range(len(source.val[0].row_group_rows)) for t in source.val[0].reader()(g)]
     train = [t for g in range(len(source.train[0].row_group_rows)) for t in source.train[0].reader()(g)]
     assert val == docs[-n_val:] and train == docs[:-n_val]
-    assert source.train[0].row_group_rows[0] == ROW_GROUP
+    n_train = len(docs) - n_val  # small splits are cut into up to MIN_ROW_GROUPS virtual row groups
+    assert source.train[0].row_group_rows[0] == min(ROW_GROUP, -(-n_train // pretrain_sources.MIN_ROW_GROUPS))
+
+
+def test_a_small_validation_tail_reaches_every_rank(jsonl_file, tok, tmp_path):
+    source = resolve_data(str(jsonl_file), cache_dir=str(tmp_path / "hf"))
+    for rank in range(3):  # the tail is 3 documents: one virtual row group each
+        x, _ = next(PretrainLoader(source, tok, batch_size=1, seq_len=32, split="val", rank=rank, world_size=3))
+        assert x.shape == (1, 32)
 
 
 def test_txt_file_is_one_document_per_paragraph(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text("first doc\nline two\n\nsecond doc\n\nthird\n")
     source = resolve_data(str(path), cache_dir=str(tmp_path / "hf"))
-    texts = source.train[0].reader()(0) + source.val[0].reader()(0)
+    texts = [t for shard in (source.train[0], source.val[0])
+             for g in range(len(shard.row_group_rows)) for t in shard.reader()(g)]
     assert [t.strip() for t in texts] == ["first doc\nline two", "second doc", "third"]
 
 
