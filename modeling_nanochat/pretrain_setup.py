@@ -79,6 +79,8 @@ def _apply_fp8(model, device) -> None:
 def run(args):
     from .configuration_nanochat import NanoChatConfig
 
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would break up our progress bar
     args.output_dir = args.output_dir or os.path.join("runs", f"d{args.depth}")
     try:
         acc = _accelerator(args)
