@@ -26,8 +26,8 @@ NANOCHAT_SPECIAL_TOKENS = 9  # <|bos|> ... <|output_end|> are the last 9 ids of 
 WINDOW_RULES = ("quarter_128", "third_128", "half")
 AUTO_MAP = {
     "AutoConfig": "configuration_nanochat.NanoChatConfig",
-    "AutoModel": "modeling_nanochat.NanoChatModel",
-    "AutoModelForCausalLM": "modeling_nanochat.NanoChatForCausalLM",
+    "AutoModel": "modeling_nanochat.NanoChatHFModel",
+    "AutoModelForCausalLM": "modeling_nanochat.NanoChatHFForCausalLM",
 }
 
 

@@ -302,7 +302,7 @@ def _uniform_bound(config):
     return 3 ** 0.5 * config.hidden_size ** -0.5  # uniform with the std of N(0, 1/d)
 
 
-class NanoChatModel(NanoChatPreTrainedModel):
+class NanoChatHFModel(NanoChatPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
@@ -469,7 +469,7 @@ def _dense_mask(x, attention_mask, position_ids, past_seen, no_cache, window):
     return allowed[:, None]
 
 
-class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
+class NanoChatHFForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {}
 
     def __init__(self, config):
@@ -527,8 +527,16 @@ class NanoChatForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         return out if return_dict is not False else out.to_tuple()
 
 
-NanoChatConfig.register_for_auto_class()
-NanoChatModel.register_for_auto_class("AutoModel")
-NanoChatForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# transformers ships its own NanoChatModel/NanoChatForCausalLM (model_type "nanochat", a different architecture).
+# config.json's "architectures" holds the class name, and some loaders resolve that name inside transformers before
+# trying auto_map (TRL's create_model_from_path: getattr(transformers, architectures[0])), so our classes carry
+# distinct names; the short names stay importable (and resolvable in the remote-code module for older auto_maps).
+NanoChatModel = NanoChatHFModel
+NanoChatForCausalLM = NanoChatHFForCausalLM
 
-__all__ = ["NanoChatPreTrainedModel", "NanoChatModel", "NanoChatForCausalLM", "NanoChatCache"]
+NanoChatConfig.register_for_auto_class()
+NanoChatHFModel.register_for_auto_class("AutoModel")
+NanoChatHFForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["NanoChatPreTrainedModel", "NanoChatHFModel", "NanoChatHFForCausalLM", "NanoChatModel", "NanoChatForCausalLM",
+           "NanoChatCache"]

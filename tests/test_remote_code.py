@@ -91,7 +91,7 @@ def _check(result, logits, checkpoint):
     chat = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
     assert result["template_ids"] == list(render_conversation(tok, chat)[0]), result["tokenizer_class"]
     assert result["module"].startswith("transformers_modules."), result["module"]
-    assert result["base"] == "NanoChatModel" and result["config"] == "NanoChatConfig"
+    assert result["base"] == "NanoChatHFModel" and result["config"] == "NanoChatConfig"
     assert (logits - golden["logits"]).abs().max().item() <= 1e-4
     assert result["greedy"] == golden["greedy_naive"].tolist() == result["greedy_nocache"]
 
