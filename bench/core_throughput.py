@@ -1,0 +1,184 @@
+"""CORE scoring throughput (examples/s), printed as one line of JSON on stdout.
+
+    python bench/core_throughput.py                                  # tiny fixture model, ../shared/data/core_sample
+    python bench/core_throughput.py --random-depth 4 --random-dim 256 --nanochat-dir ~/src/nanochat
+    python bench/core_throughput.py --model DIR --bundle DIR --max-per-task 100 --batch-size 64
+
+Ours = `evaluation.core.evaluate_core` (prompts, tokenization, batched scoring). With --nanochat-dir, nanochat's own
+evaluator (`nanochat.core_eval.evaluate_task`, one example per forward) is imported from that checkout at run time
+(never copied) and run on the same rows (our loader applies nanochat's shuffle and cut, checked against nanochat's
+in tests/test_core.py). For one of our NanoChat checkpoints it runs on nanochat's own GPT with the same weights
+(converted with `modeling_nanochat.convert.to_nanochat`) and nanochat's tokenizer.pkl; any other model is handed to
+it through a `model(ids) -> logits` wrapper with nanochat's HuggingFaceTokenizer. Both must agree on every task's
+accuracy ("same_accuracy"). Timing: one untimed warm-up round, then --rounds rounds; within a round the two take
+turns task by task (ABBA order across rounds), so drift in a shared machine's load hits both alike. A task's time is
+its best round; examples_per_s = examples / the sum over tasks; "ratio" = ours / nanochat in examples/s. On a CPU
+shared with other jobs, pass --threads 1 (see its help).
+
+Without --model: --random-depth/--random-dim build a seeded random NanoChat (vocab of the fixture tokenizer), else the
+tiny committed fixture tests/fixtures/nanochat_current is converted. fp32 on CPU; on CUDA both run in fp32 too.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from evaluation.core import evaluate_core  # noqa: E402
+from evaluation.core_bundle import ensure_bundle, load_bundle, load_rows  # noqa: E402
+
+FIXTURES = REPO / "tests" / "fixtures"
+SHARED_SAMPLE = REPO.parent / "shared" / "data" / "core_sample"
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def make_model_dir(args, tmp: str) -> str:
+    from modeling_nanochat import NanoChatConfig, NanoChatForCausalLM
+    from modeling_nanochat.convert import convert, save_hf_checkpoint
+    from modeling_nanochat.tokenization import convert_nanochat_tokenizer
+
+    out = os.path.join(tmp, "model")
+    if args.random_depth is None:
+        return convert(str(FIXTURES / "nanochat_current"), out, tokenizer_dir=str(FIXTURES / "nanochat_tokenizer"))
+    tok = convert_nanochat_tokenizer(str(FIXTURES / "nanochat_tokenizer"))
+    kw = {"hidden_size": args.random_dim} if args.random_dim else {}
+    config = NanoChatConfig(depth=args.random_depth, vocab_size=len(tok), max_position_embeddings=2048, **kw)
+    torch.manual_seed(0)
+    model = NanoChatForCausalLM(config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # nanochat's init zeroes every block's output; noise makes each layer count
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return save_hf_checkpoint(model.state_dict(), config, out, tokenizer=tok)
+
+
+class NanochatSide:
+    """nanochat's evaluator from a user's checkout, on nanochat's GPT when the model is ours, else on a wrapper."""
+
+    def __init__(self, nanochat_dir: str, model_dir: str, hf_model, hf_tokenizer, device, tmp: str):
+        os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+        sys.path.insert(0, os.path.abspath(os.path.expanduser(nanochat_dir)))
+        from nanochat.core_eval import evaluate_task
+        self.evaluate_task, self.device = evaluate_task, device
+        if getattr(hf_model.config, "model_type", None) == "nanochat_hf":
+            from modeling_nanochat.convert import to_nanochat
+            from nanochat.gpt import GPT, GPTConfig
+            from nanochat.tokenizer import RustBPETokenizer
+            src = to_nanochat(model_dir, os.path.join(tmp, "nanochat"))
+            meta_path = next(Path(src).glob("meta_*.json"))
+            meta = json.loads(meta_path.read_text())
+            with torch.device("meta"):
+                model = GPT(GPTConfig(**meta["model_config"]))
+            model.to_empty(device=device)
+            model.init_weights()  # rotary tables; the weights come next
+            step = meta_path.stem.split("_")[1]
+            model.load_state_dict(torch.load(Path(src) / f"model_{step}.pt", map_location=device, weights_only=True))
+            self.model, self.tokenizer, self.kind = model.eval(), RustBPETokenizer.from_directory(src), "nanochat GPT"
+        else:
+            from nanochat.tokenizer import HuggingFaceTokenizer
+            self.model = lambda ids: hf_model(ids).logits
+            self.tokenizer, self.kind = HuggingFaceTokenizer(hf_tokenizer.backend_tokenizer), "our model, wrapped"
+
+    @torch.no_grad()
+    def accuracy(self, spec, rows) -> float:
+        meta = {"task_type": spec.task_type, "num_fewshot": spec.num_fewshot,
+                "continuation_delimiter": spec.delimiter, "dataset_uri": str(spec.data_path)}
+        return self.evaluate_task(self.model, self.tokenizer, [r.data for r in rows], self.device, meta)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a transformers causal LM directory (default: see below)")
+    p.add_argument("--random-depth", type=int, default=None, help="without --model: a random NanoChat of this depth")
+    p.add_argument("--random-dim", type=int, default=None, help="its hidden size (default: the depth dial's)")
+    p.add_argument("--bundle", default=None, help="eval bundle (default: ../shared/data/core_sample if present)")
+    p.add_argument("--max-per-task", type=int, default=-1)
+    p.add_argument("--tasks", default=None)
+    p.add_argument("--nanochat-dir", default=None, help="a checkout of karpathy/nanochat to time its evaluator too")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="default: evaluate_core's (2048 on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's). On a shared machine use 1: with more threads than free "
+                        "cores, OpenMP's spinning slows small per-example forwards (nanochat's) by 10x and more")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import modeling_nanochat  # noqa: F401 - registers nanochat_hf with the Auto classes
+
+    bundle = args.bundle or (str(SHARED_SAMPLE) if SHARED_SAMPLE.exists() else None)
+    bundle = ensure_bundle(bundle)
+    tasks = args.tasks.split(",") if args.tasks else None
+    data = [(spec, load_rows(spec, args.max_per_task)) for spec in load_bundle(bundle, tasks)]
+    n_examples = sum(len(rows) for _, rows in data)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or make_model_dir(args, tmp)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        kw = dict(max_per_task=args.max_per_task, batch_size=args.batch_size,
+                  max_batch_tokens=args.max_batch_tokens, device=args.device, progress=False)
+        sides = {"ours": lambda spec, rows: evaluate_core(model, tokenizer, bundle, tasks=[spec.label], **kw)
+                 ["results"][spec.label]["accuracy"]}
+        nano = None
+        if args.nanochat_dir:
+            nano = NanochatSide(args.nanochat_dir, model_dir, model, tokenizer, args.device, tmp)
+            sides["nanochat"] = nano.accuracy
+        # per task, the sides take turns (ABBA over rounds): load drift on a shared machine hits both alike
+        best = {name: {spec.label: float("inf") for spec, _ in data} for name in sides}
+        acc = {name: {} for name in sides}
+        for r in range(args.rounds + 1):  # round 0 warms up
+            this_round = dict.fromkeys(sides, 0.0)
+            for spec, rows in data:
+                for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                    sync()
+                    t = time.perf_counter()
+                    acc[name][spec.label] = sides[name](spec, rows)
+                    sync()
+                    dt = time.perf_counter() - t
+                    this_round[name] += dt
+                    if r > 0:
+                        best[name][spec.label] = min(best[name][spec.label], dt)
+            log(f"round {r}" + (" (warm-up)" if r == 0 else "") + ": " + ", ".join(
+                f"{name} {dt:.2f}s" for name, dt in this_round.items()))
+        seconds = {name: sum(b.values()) for name, b in best.items()}
+        result = {
+            "model": args.model or ("random d%s" % args.random_depth if args.random_depth else "tiny fixture"),
+            "params": sum(p.numel() for p in model.parameters()), "bundle": str(bundle), "examples": n_examples,
+            "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(), "batch_size": args.batch_size,
+            "rounds": args.rounds,
+            "ours": {"seconds": seconds["ours"], "examples_per_s": n_examples / seconds["ours"]},
+            "per_task_examples_per_s": {name: {spec.label: len(rows) / best[name][spec.label] for spec, rows in data}
+                                        for name in sides},
+        }
+        if nano is not None:
+            result["nanochat"] = {"seconds": seconds["nanochat"], "examples_per_s": n_examples / seconds["nanochat"],
+                                  "runs_on": nano.kind}
+            result["ratio"] = seconds["nanochat"] / seconds["ours"]
+            result["same_accuracy"] = all(abs(acc["ours"][t] - acc["nanochat"][t]) < 1e-6 for t in acc["ours"])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
