@@ -244,9 +244,77 @@ class NanoChatCache(DynamicCache):
         super().crop(max_length)
 
 
+def _append_kv(layer, key_states, value_states):
+    """Append to a layer's keys/values inside a preallocated buffer and return views (nanochat's KVCache writes in
+    place too). transformers' DynamicLayer concatenates, copying the whole cache every decode step. The buffer doubles
+    when full; whenever something else replaced `layer.keys` (beam reorder, batch select, crop, reset) the buffer is
+    rebuilt from it. Returns (buffer_k, buffer_v, start, end): the cached tokens are buffer[:, :, start:end]."""
+    state = getattr(layer, "_nc_buffer", None)
+    if state is not None and layer.keys is state[4]:
+        kb, vb, start, end = state[:4]
+    else:
+        kb = vb = None
+        start, end = 0, (layer.keys.shape[-2] if layer.keys is not None and layer.keys.dim() == 4 else 0)
+    t = key_states.shape[-2]
+    if kb is None or end + t > kb.shape[-2] or kb.shape[:2] != key_states.shape[:2]:
+        n = end - start
+        cap = max(2 * (n + t), 256)
+        new_k = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
+        new_v = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
+        if n:
+            new_k[:, :, :n] = layer.keys
+            new_v[:, :, :n] = layer.values
+        kb, vb, start, end = new_k, new_v, 0, n
+    kb[:, :, end:end + t] = key_states
+    vb[:, :, end:end + t] = value_states
+    return kb, vb, start, end + t
+
+
+def _in_place_ok(layer):
+    # writes into a buffer that an earlier view was saved from would break autograd: only without grad
+    return not torch.is_grad_enabled() and not getattr(layer, "record_past", False)
+
+
+if _V5_MASKS:
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    class _InPlaceLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            if not _in_place_ok(self):
+                return super().update(key_states, value_states, *args, **kwargs)
+            kb, vb, start, end = _append_kv(self, key_states, value_states)
+            self.keys, self.values = kb[:, :, start:end], vb[:, :, start:end]
+            self._nc_buffer = (kb, vb, start, end, self.keys)
+            return self.keys, self.values
+
+    class _InPlaceSlidingLayer(DynamicSlidingWindowLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            if not _in_place_ok(self):
+                return super().update(key_states, value_states, *args, **kwargs)
+            self.cumulative_length += key_states.shape[-2]
+            kb, vb, start, end = _append_kv(self, key_states, value_states)
+            full_k, full_v = kb[:, :, start:end], vb[:, :, start:end]
+            start = max(start, end - (self.sliding_window - 1))  # keep the last window - 1 tokens, as transformers
+            self.keys, self.values = kb[:, :, start:end], vb[:, :, start:end]
+            self._nc_buffer = (kb, vb, start, end, self.keys)
+            return full_k, full_v
+
+
 def _new_cache(config):
     # v5 caches read layer_types/sliding_window from the config and keep only the window on S layers
-    return NanoChatCache(config=config) if _V5_MASKS else NanoChatCache()
+    if not _V5_MASKS:
+        return NanoChatCache()
+    cache = NanoChatCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicSlidingWindowLayer:
+            cache.layers[i] = _InPlaceSlidingLayer(sliding_window=layer.sliding_window)
+        elif type(layer) is DynamicLayer:
+            cache.layers[i] = _InPlaceLayer()
+    return cache
 
 
 class NanoChatPreTrainedModel(PreTrainedModel):

@@ -56,14 +56,16 @@ class _Specials:
 def _prefill(model, prompt: list[int], num_samples: int, device):
     """Run the prompt once and return (last logits (B, V), cache for B rows)."""
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    out = model(input_ids=ids, position_ids=torch.arange(len(prompt), device=device)[None], use_cache=True)
+    # logits_to_keep=1: only the last position's logits are needed (the full (T, V) logits cost as much as a layer)
+    out = model(input_ids=ids, position_ids=torch.arange(len(prompt), device=device)[None], use_cache=True,
+                logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1, :]
     if num_samples > 1:
         if hasattr(cache, "batch_repeat_interleave"):  # DynamicCache and subclasses: copy rows, no recompute
             cache.batch_repeat_interleave(num_samples)
             logits = logits.expand(num_samples, -1)
         else:
-            out = model(input_ids=ids.expand(num_samples, -1), use_cache=True,
+            out = model(input_ids=ids.expand(num_samples, -1), use_cache=True, logits_to_keep=1,
                         position_ids=torch.arange(len(prompt), device=device)[None].expand(num_samples, -1))
             cache, logits = out.past_key_values, out.logits[:, -1, :]
     return logits, cache
