@@ -124,8 +124,9 @@ def serving_commands(repo_id: str) -> str:
         f"    ghcr.io/huggingface/text-generation-inference:3.3.7 --model-id {repo_id} --trust-remote-code\n"
         "# vLLM (transformers backend), port 8000\n"
         f"vllm serve {repo_id} --trust-remote-code --model-impl transformers\n"
-        "# transformers itself (pip install 'transformers[serving]'), port 8000\n"
-        f"transformers serve {repo_id} --trust-remote-code\n"
+        "# transformers serve (pip install 'nanochat-hf[serve]'): plain `transformers serve` looks the class up inside\n"
+        "# transformers and ignores auto_map; this launcher loads the checkpoint's own code. Port 8000\n"
+        f"python -m modeling_nanochat.serve {repo_id} --port 8000\n"
         "# then, from Python (TGI: port 8080)\n"
         "python -c \"from huggingface_hub import InferenceClient; "
         "c = InferenceClient(base_url='http://localhost:8000/v1/'); "
@@ -237,7 +238,7 @@ def build_model_card(model_dir: str | Path, repo_id: str, license: str | None = 
         "Servers run no tool (a calculator call arrives as plain text) and skip special tokens. Under TGI's and "
         "vLLM's own paged KV cache the smear term (previous-token mixing) is dropped at decode steps, and vLLM's "
         "head does not apply `final_logit_softcapping` (greedy decoding is unchanged; sampled probabilities are "
-        "not): use `generate()` or `transformers serve` (without `--continuous-batching`) for nanochat's exact "
+        "not): use `generate()` or `python -m modeling_nanochat.serve` (without `--continuous-batching`) for nanochat's exact "
         "outputs.", "",
     ]
     return "\n".join(lines)

@@ -93,7 +93,7 @@ def test_publish_writes_the_card_and_uploads_the_model_files_only(run, hub):
                      f"| tokens trained | {STEPS * BATCH:,}", f"| steps | {STEPS:,} x {BATCH:,} tokens |",
                      "| validation bits per byte | 2.7500 (step 6) |", core_table(core), chat_table(chat),
                      "trust_remote_code=True", f"vllm serve {REPO_ID} --trust-remote-code --model-impl transformers",
-                     f"--model-id {REPO_ID} --trust-remote-code", f"transformers serve {REPO_ID} --trust-remote-code",
+                     f"--model-id {REPO_ID} --trust-remote-code", f"python -m modeling_nanochat.serve {REPO_ID} --port 8000",
                      "final_logit_softcapping"):
         assert expected in text, expected
     summary = (run_dir / "summary.md").read_text()
