@@ -588,7 +588,7 @@ class NanoChatHFForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         if cap:
             logits = cap * torch.tanh(logits / cap)
         loss = None
-        if labels is not None:
+        if labels is not None or kwargs.get("shift_labels") is not None:  # shift_labels: targets already shifted
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                      hidden_states=outputs.hidden_states)

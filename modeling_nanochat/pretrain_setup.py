@@ -158,8 +158,10 @@ def run(args):
     else:
         from .optim import MuonAdamW, build_param_groups
         bf16 = acc.mixed_precision == "bf16"
+        compile_opt = args.compile_optimizer == "on" or (args.compile_optimizer == "auto" and
+                                                          (args.compile or acc.device.type == "cuda"))
         optimizer = MuonAdamW(build_param_groups(model, **groups_kw), muon_compute_dtype=torch.bfloat16 if bf16 else None,
-                              compile=args.compile)
+                              compile=compile_opt)
         train_model = torch.compile(model, dynamic=False) if args.compile else model
 
     run_config = {"world_size": world, "distributed_type": acc.distributed_type.name, "mixed_precision":
@@ -203,9 +205,11 @@ def _load_tokenizer(args, resume_ckpt):
 
 def _core_bundle(args, acc, is_main):
     try:
-        from evaluation.core import resolve_bundle
-        with acc.main_process_first():
-            return resolve_bundle(args.core_bundle)
+        from evaluation.core_bundle import ensure_bundle, load_bundle
+        with acc.main_process_first():  # the main process downloads it once
+            bundle = ensure_bundle(args.core_bundle)
+        load_bundle(bundle)  # a corrupt bundle fails now, not after hours of training
+        return str(bundle)
     except (OSError, ValueError, ImportError) as e:
         _fail(f"CORE evaluation (--core-every {args.core_every}) needs its eval bundle: {e}. Pass --core-bundle DIR, "
               "or --core-every -1 to train without it", is_main)

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="compute dtype: auto = bf16 autocast on CUDA, fp32 elsewhere (bf16 is ~400x slower on CPU)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPU only)")
+    r.add_argument("--compile-optimizer", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile MuonAdamW's update functions as nanochat does (auto: on with CUDA or --compile)")
     r.add_argument("--fp8", action="store_true", help="fp8 matmuls via torchao (CUDA, compute capability >= 8.9)")
     r.add_argument("--print-plan", action="store_true", help="print the derived plan as JSON and exit")
     return p
