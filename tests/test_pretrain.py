@@ -227,3 +227,21 @@ def test_tensorboard_tracker_gets_the_metrics(assets, tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [0, 1, 2]
     assert [e.step for e in acc.Scalars("val/bpb")] == [0, 3]
+
+
+def test_core_during_training(assets, tmp_path):
+    from conftest import shared_path
+    bundle = shared_path("core_sample")
+    out = tmp_path / "core"
+    _run(assets, out, 1, "--num-iterations", "4", "--core-every", "2", "--core-bundle", str(bundle),
+         "--core-max-per-task", "16")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    core = [r for r in rows if "core" in r]
+    assert [r["step"] for r in core] == [2, 4]
+    assert all(-1 <= r["core"] <= 1 and len(r["core_results"]) == 6 for r in core)
+    assert "| CORE (last) |" in (out / "summary.md").read_text()
+
+
+def test_corrupt_core_bundle_fails_before_training(assets, tmp_path):
+    err, _ = _fails(assets, tmp_path / "x", "--core-every", "2", "--core-bundle", str(tmp_path))
+    assert "CORE" in err and "--core-bundle" in err
