@@ -14,7 +14,9 @@ Distributed use (torch.distributed initialised, world size > 1)
 --------------------------------------------------------------
 The optimizer averages gradients itself, ZeRO-2 style, exactly like nanochat: **do not also wrap the
 model in DDP** (that would average twice and waste the communication). Each rank runs forward/backward
-on its own micro-batches with a plain (unwrapped) model, then calls ``step()`` on every rank:
+on its own micro-batches with a plain (unwrapped) model, then calls ``step()`` on every rank (where the gradients
+are already averaged, e.g. by DDP inside a transformers Trainer, pass ``distributed=False``: every rank then runs
+the single-process path on them; see trl_optim.py):
 
 * AdamW params with < 1024 elements: gradient all-reduce (mean), every rank updates the whole tensor.
 * larger AdamW params: reduce-scatter (mean) along dim 0, each rank updates and keeps state only for
@@ -249,13 +251,26 @@ class MuonAdamW(torch.optim.Optimizer):
         muon_compute_dtype: dtype of the Polar Express matmuls. ``torch.bfloat16`` reproduces nanochat on
             GPUs with bf16 (fp32 master weights, bf16 iteration); ``None`` uses bf16 only for bf16 weights.
         compile: run the per-group update functions through ``torch.compile`` (worth it on GPU only).
+        distributed: None (default): communicate when torch.distributed is initialised with more than one rank;
+            False: never communicate, every rank updates every parameter from its own ``.grad`` (for gradients that
+            are already averaged, e.g. by DDP inside a transformers Trainer); True: like None, but raise if no
+            process group is initialised (catches a run that silently started as one process).
     """
 
     def __init__(self, param_groups: list[dict], *, muon_compute_dtype: torch.dtype | None = None,
-                 compile: bool = False):
+                 compile: bool = False, distributed: bool | None = None):
         self.muon_compute_dtype = muon_compute_dtype
         self.use_compile = compile
+        self.distributed = distributed
         super().__init__(param_groups, defaults={})
+
+    def _world(self) -> tuple[int, int]:
+        """(rank, world size) as this optimizer sees it: (0, 1) when it must not communicate."""
+        if self.distributed is False:
+            return 0, 1
+        if self.distributed and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("MuonAdamW(distributed=True) needs an initialised torch.distributed process group")
+        return _dist_info()
 
     def add_param_group(self, param_group: dict) -> None:
         kind = param_group.get("kind")
@@ -282,7 +297,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rank, world_size = _dist_info()
+        rank, world_size = self._world()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -402,7 +417,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
         A collective when distributed: call it on every rank (every rank gets the full dict).
         """
-        rank, world_size = _dist_info()
+        rank, world_size = self._world()
         state, groups = {}, []
         for group, indices in self._param_index():
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
@@ -440,7 +455,7 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def load_state_dict_full(self, state_dict: dict) -> None:
         """Load a `state_dict_full()` result saved under any world size; each rank keeps only its own shards."""
-        rank, world_size = _dist_info()
+        rank, world_size = self._world()
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"saved state has {len(saved_groups)} param groups, optimizer has {len(self.param_groups)}")
