@@ -315,6 +315,7 @@ def build_sft_mixture(tokenizer, split: str = "train", **kwargs) -> SFTMixture:
     return SFTMixture(mixture_parts(tokenizer, split, **kwargs))
 
 
-__all__ = ["SFTMixture", "build_sft_mixture", "mixture_parts", "SOURCES", "Source", "load_source_rows", "jsonl_conversation",
-           "local_source_files", "load_jsonl_rows", "parse_extra_jsonl", "parse_conversation", "render_rows",
-           "smoltalk_conversation", "mmlu_conversation", "gsm8k_conversation", "MIXTURE_SEED", "VAL_LIMITS"]
+__all__ = ["SFTMixture", "build_sft_mixture", "mixture_parts", "SOURCES", "Source", "load_source_rows",
+           "local_source_files", "load_jsonl_rows", "jsonl_conversation", "parse_extra_jsonl", "parse_conversation",
+           "render_rows", "smoltalk_conversation", "mmlu_conversation", "gsm8k_conversation", "MIXTURE_SEED",
+           "VAL_LIMITS"]

@@ -1,0 +1,44 @@
+"""Chat SFT: nanochat's chat_sft on TRL's SFTTrainer, with nanochat's data mixture, packing, MuonAdamW and schedules.
+
+    accelerate launch recipes/sft.py --config recipes/sft/default.yaml \\
+        --model_name_or_path runs/d20 --output_dir runs/d20-sft
+    python recipes/sft.py --config recipes/sft/tiny_cpu.yaml --model_name_or_path runs/tiny   # offline CPU smoke run
+
+The YAML keys are the fields of modeling_nanochat.sft_trainer.NanoChatSFTConfig (TRL's SFTConfig plus nanochat's
+settings) and TRL's ModelConfig; any flag on the command line overrides the YAML (`--eval_steps 100`). Settings left
+at -1 are inherited from the pretraining run, as nanochat's chat_sft does.
+
+On CPU, 2 processes must be started like this (`accelerate launch --cpu` silently starts ONE):
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --main_process_port 29533 recipes/sft.py --config recipes/sft/tiny_cpu.yaml ...
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def main(argv=None):
+    from trl import ModelConfig, TrlParser
+
+    from modeling_nanochat.sft_setup import SFTSetupError, run
+    from modeling_nanochat.sft_trainer import NanoChatSFTConfig
+
+    args, model_args = TrlParser((NanoChatSFTConfig, ModelConfig)).parse_args_and_config(argv)
+    logging.basicConfig(level=logging.INFO if args.process_index == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if model_args.use_peft:
+        print("error: use_peft is not wired into this recipe; see modeling_nanochat/lora.py", file=sys.stderr)
+        return 2
+    try:
+        run(args, model_args.model_name_or_path)
+    except (SFTSetupError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
