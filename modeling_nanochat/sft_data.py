@@ -152,7 +152,13 @@ def load_source_rows(source: Source, split: str, data_dir: str | os.PathLike | N
     else:
         from evaluation.tasks.common import HubSource, load_hub_rows
 
-        rows = load_hub_rows(HubSource(source.repo, source.subset, hub_split))
+        try:
+            rows = load_hub_rows(HubSource(source.repo, source.subset, hub_split))
+        except RuntimeError as e:  # offline or unreachable: say how SFT takes local files instead
+            reason = str(e).split(": pass --data")[0]
+            folders = ", ".join(f"{name}/" for name in SOURCES)
+            raise RuntimeError(f"{reason}: pass data_dir (--data_dir DIR) holding {folders} folders of local files "
+                               "in the Hub datasets' formats (see modeling_nanochat/sft_data.py)") from e
         where = f"{source.repo} ({source.subset}, {hub_split})"
     missing = [c for c in source.columns if c not in rows.column_names]
     if missing:

@@ -413,3 +413,11 @@ def test_two_processes_sharded_optimizer_is_the_same_math(ddp_run, pretrain_run,
     assert ddp.keys() == sharded.keys()
     for name in ddp:
         torch.testing.assert_close(sharded[name], ddp[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_default_recipe_offline_without_data_fails_fast_and_clearly(pretrain_run, tmp_path):
+    cmd = [sys.executable, "recipes/sft.py", "--config", "recipes/sft/default.yaml", "--model_name_or_path",
+           str(pretrain_run), "--output_dir", str(tmp_path / "out")]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "HF_HUB_OFFLINE=1" in p.stderr and "--data_dir DIR" in p.stderr
