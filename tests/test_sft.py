@@ -5,8 +5,10 @@
   (tests/fixtures/nanochat_sft/golden.json, see tests/fixtures/README.md);
 * MuonAdamW is the optimizer with nanochat's SFT groups, LRs and schedules, warm-started from the pretraining
   optimizer state when it fits and refused with a reason when it does not;
-* the recipe runs end to end on local conversations with tool calls (1 process, with ChatCORE) and on 2 real gloo
-  processes (DDP path, with a mid-run checkpoint), and the saved model loads with from_pretrained.
+* the recipe runs end to end on local conversations with tool calls (1 process, with ChatCORE; a resume from its
+  mid-run checkpoint ends with the same weights) and on 2 real gloo processes (DDP path and nanochat's sharded
+  optimizer: the same weights, checkpoints saved without hanging); the saved model loads with from_pretrained;
+  offline without local data the recipe stops at once with a clear message.
 """
 
 import hashlib
@@ -335,7 +337,8 @@ def test_recipe_trains_on_tool_conversations_and_saves_a_loadable_model(pretrain
     cmd = [sys.executable, "recipes/sft.py", "--config", "recipes/sft/tiny_cpu.yaml",
            "--model_name_or_path", str(pretrain_run), "--output_dir", str(out), "--eval_steps", "6",
            "--chatcore_every", "12", "--chatcore_data", str(chat_data), "--chatcore_max_cat", "3",
-           "--chatcore_max_sample", "1", "--chatcore_max_new_tokens", "4"]
+           "--chatcore_max_sample", "1", "--chatcore_max_new_tokens", "4", "--save_strategy", "steps",
+           "--save_steps", "4"]
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
 
@@ -363,6 +366,21 @@ def test_recipe_trains_on_tool_conversations_and_saves_a_loadable_model(pretrain
     assert tok.apply_chat_template(conv["messages"], tokenize=True, return_dict=False) == ids
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([ids])).logits).all()
+
+    # resuming from a mid-run checkpoint (Trainer's resume_from_checkpoint: optimizer, scheduler, skipped rows)
+    # ends with the same weights
+    from safetensors.torch import load_file
+
+    resumed = tmp_path / "resumed"
+    cmd = [sys.executable, "recipes/sft.py", "--config", "recipes/sft/tiny_cpu.yaml", "--model_name_or_path",
+           str(pretrain_run), "--output_dir", str(resumed), "--eval_strategy", "no", "--resume_from_checkpoint",
+           str(out / "checkpoint-4")]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert [r["step"] for r in _metrics(resumed) if "loss" in r][0] == 5
+    full, again = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name in full:
+        torch.testing.assert_close(again[name], full[name], rtol=0, atol=1e-6, msg=name)
 
 
 def _two_processes(pretrain_run, out, *extra):
