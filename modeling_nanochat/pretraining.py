@@ -185,7 +185,8 @@ class Pretrainer:
         try:
             with self.acc.autocast():
                 return evaluate_core(self.model, self.tokenizer, self.args.core_bundle,
-                                     max_per_task=self.args.core_max_per_task, device=self.device)
+                                     max_per_task=self.args.core_max_per_task, device=self.device,
+                                     progress=self.is_main)
         finally:
             self.model.train()
 
