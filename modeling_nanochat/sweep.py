@@ -140,6 +140,21 @@ def default_launcher() -> str:
     return shlex.quote(sys.executable)
 
 
+def device_batch_for(depth: int) -> str:
+    """nanochat's sweeps lower the device batch for deep models so they fit (a later flag overrides it)."""
+    return "8" if depth >= 28 else "16" if depth >= 20 else "32"
+
+
+def sweep_parser(doc: str, results_dir: str):
+    """The flags every sweep recipe shares: where results go and how pretrain.py is started."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results-dir", default=results_dir)
+    p.add_argument("--launcher", default=default_launcher(),
+                   help="command that starts pretrain.py (default: this python; e.g. 'accelerate launch ...')")
+    return p
+
+
 def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     """Sweep flags before `--`, pretrain.py flags after it."""
     if "--" in argv:
@@ -148,4 +163,4 @@ def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-__all__ = ["sweep", "default_launcher", "split_passthrough", "collect", "COLUMNS"]
+__all__ = ["sweep", "sweep_parser", "default_launcher", "split_passthrough", "collect", "COLUMNS"]

@@ -10,30 +10,25 @@ Flags after `--` go to recipes/pretrain.py for every run. Results: <results-dir>
 appended as runs finish; finished runs are skipped on restart), results.md and results.png.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from modeling_nanochat.sweep import default_launcher, split_passthrough, sweep  # noqa: E402
+from modeling_nanochat.sweep import device_batch_for, split_passthrough, sweep, sweep_parser  # noqa: E402
 
 
 def main(argv=None):
     ours, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sweep_parser(__doc__, "runs/scaling_laws")
     p.add_argument("--flops", default="1e18,2.15e18,4.64e18,1e19", help="comma-separated FLOP budgets")
     p.add_argument("--depths", default="10,12,14,16,18,20", help="comma-separated depths")
-    p.add_argument("--results-dir", default="runs/scaling_laws")
-    p.add_argument("--launcher", default=default_launcher(),
-                   help="command that starts pretrain.py (default: this python; e.g. 'accelerate launch ...')")
     args = p.parse_args(ours)
     points = []
     for flops in args.flops.split(","):
         for d in (int(x) for x in args.depths.split(",")):
-            dbs = "8" if d >= 28 else "16" if d >= 20 else "32"  # nanochat's OOM guard; a later flag overrides it
             run_args = ["--depth", str(d), "--target-flops", flops, "--target-param-data-ratio", "-1",
-                        "--device-batch-size", dbs, "--core-every", "999999", "--sample-every", "-1",
+                        "--device-batch-size", device_batch_for(d), "--core-every", "999999", "--sample-every", "-1",
                         "--save-every", "-1", *passthrough]
             points.append((f"flops{flops}_d{d}", run_args, float(flops)))
     sweep(points, Path(args.results_dir), args.launcher, "Scaling laws: val bpb at fixed FLOPs",
