@@ -151,8 +151,9 @@ def _warm_start(optimizer, init: InitCheckpoint, is_main: bool, record: dict) ->
                    f"starts with a fresh state (slightly worse, as nanochat warns): {reason}")
 
 
-def build_trainer(args, model_name_or_path: str):
-    """Everything up to a ready ``NanoChatSFTTrainer`` (see ``run``); returns (trainer, record)."""
+def build_trainer(args, model_name_or_path: str, model_args=None):
+    """Everything up to a ready ``NanoChatSFTTrainer`` (see ``run``); returns (trainer, record). ``model_args``: TRL's
+    ModelConfig; with ``use_peft`` the model gets LoRA adapters (lora.py) and MuonAdamW trains only those."""
     from datasets import Dataset
 
     from .modeling_nanochat import NanoChatForCausalLM
@@ -175,6 +176,12 @@ def build_trainer(args, model_name_or_path: str):
     if model.config.vocab_size != len(tokenizer):
         raise SFTSetupError(f"{init.model_dir}: the model's vocabulary ({model.config.vocab_size}) does not match its "
                             f"tokenizer ({len(tokenizer)})")
+    from . import lora
+    peft = bool(model_args is not None and getattr(model_args, "use_peft", False))
+    if peft:
+        model = lora.wrap_model(model, model_args)
+    if peft and args.load_optimizer:  # the pretraining state belongs to the full weights, not to adapters
+        args.load_optimizer = False
     resolved = inherit(args, init, model.config)
     _check_batch(args, world)
     T, B = args.max_length, args.per_device_train_batch_size
@@ -219,7 +226,8 @@ def build_trainer(args, model_name_or_path: str):
         after_create=(functools.partial(_warm_start, init=init, is_main=rank == 0, record=record)
                       if args.load_optimizer else None))
     if not args.load_optimizer:
-        record["optimizer_state"] = "fresh: load_optimizer is off"
+        record["optimizer_state"] = "fresh: " + ("LoRA adapters (use_peft)" if peft else "load_optimizer is off")
+    record["lora"] = lora.peft_config(model_args).to_dict() if peft else None
     collator = PackedSFTCollator(train, special_token_id(tokenizer, "<|bos|>"), T)
     rows = Dataset.from_dict({"conversations": plan.global_rows()})
     val_rows = Dataset.from_dict({"conversations": val_plan.global_rows()}) if val_plan is not None else None
@@ -230,9 +238,10 @@ def build_trainer(args, model_name_or_path: str):
     return trainer, record
 
 
-def run(args, model_name_or_path: str):
-    """Train, save the final model at ``args.output_dir`` and return the trainer."""
-    trainer, record = build_trainer(args, model_name_or_path)
+def run(args, model_name_or_path: str, model_args=None):
+    """Train, save the final model at ``args.output_dir`` (an adapter dir under LoRA: merge it with
+    ``python -m modeling_nanochat.lora merge``) and return the trainer."""
+    trainer, record = build_trainer(args, model_name_or_path, model_args)
     if args.process_index == 0:
         logger.info("SFT: %s | world size %d | %d steps/epoch x %s epochs | %s", record["train_mixture"],
                     record["world_size"], record["steps_per_epoch"], args.num_train_epochs,

@@ -29,11 +29,8 @@ def main(argv=None):
     args, model_args = TrlParser((NanoChatSFTConfig, ModelConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO if args.process_index == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if model_args.use_peft:
-        print("error: use_peft is not wired into this recipe; see modeling_nanochat/lora.py", file=sys.stderr)
-        return 2
     try:
-        run(args, model_args.model_name_or_path)
+        run(args, model_args.model_name_or_path, model_args)
     except (SFTSetupError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

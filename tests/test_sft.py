@@ -13,6 +13,7 @@
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -439,3 +440,30 @@ def test_default_recipe_offline_without_data_fails_fast_and_clearly(pretrain_run
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr[-3000:]
     assert "HF_HUB_OFFLINE=1" in p.stderr and "--data_dir DIR" in p.stderr
+
+
+def test_recipe_with_lora_trains_only_adapters_and_merges(pretrain_run, tmp_path):
+    """use_peft on the faithful recipe: MuonAdamW gets only the adapters, the output is an adapter dir, and the merged
+    export loads like any checkpoint and differs from the base exactly where the adapters sit."""
+    from transformers import AutoModelForCausalLM
+
+    from modeling_nanochat.lora import merge_adapter
+
+    out = tmp_path / "sft-lora"
+    cmd = [sys.executable, "recipes/sft.py", "--config", "recipes/sft/tiny_cpu.yaml", "--model_name_or_path",
+           str(pretrain_run), "--output_dir", str(out), "--eval_strategy", "no", "--use_peft", "true",
+           "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "3"]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["optimizer_state"] == "fresh: LoRA adapters (use_peft)" and record["lora"]["r"] == 4
+    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    losses = [r["loss"] for r in _metrics(out) if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+    merged = tmp_path / "merged"
+    merge_adapter(str(out), str(merged), base=str(pretrain_run))
+    base = AutoModelForCausalLM.from_pretrained(str(pretrain_run)).state_dict()
+    new = AutoModelForCausalLM.from_pretrained(str(merged)).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], new[k])}
+    assert changed and all(k.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2") for k in changed)
