@@ -97,9 +97,12 @@ class _StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: stop right away
+        # a second Ctrl-C stops right away; repeated SIGTERMs do not (launchers forward the one they got, and torchrun
+        # turns a Ctrl-C into a SIGTERM for the workers, which must not cut the save short)
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
