@@ -73,19 +73,12 @@ class NanochatSide:
         from nanochat.core_eval import evaluate_task
         self.evaluate_task, self.device = evaluate_task, device
         if getattr(hf_model.config, "model_type", None) == "nanochat_hf":
-            from modeling_nanochat.convert import to_nanochat
-            from nanochat.gpt import GPT, GPTConfig
             from nanochat.tokenizer import RustBPETokenizer
-            src = to_nanochat(model_dir, os.path.join(tmp, "nanochat"))
-            meta_path = next(Path(src).glob("meta_*.json"))
-            meta = json.loads(meta_path.read_text())
-            with torch.device("meta"):
-                model = GPT(GPTConfig(**meta["model_config"]))
-            model.to_empty(device=device)
-            model.init_weights()  # rotary tables; the weights come next
-            step = meta_path.stem.split("_")[1]
-            model.load_state_dict(torch.load(Path(src) / f"model_{step}.pt", map_location=device, weights_only=True))
-            self.model, self.tokenizer, self.kind = model.eval(), RustBPETokenizer.from_directory(src), "nanochat GPT"
+
+            from bench.nanochat_runtime import nanochat_gpt
+            model = nanochat_gpt(model_dir, device, tmp)  # converted into <tmp>/nanochat, tokenizer.pkl included
+            tokenizer = RustBPETokenizer.from_directory(os.path.join(tmp, "nanochat"))
+            self.model, self.tokenizer, self.kind = model, tokenizer, "nanochat GPT"
         else:
             from nanochat.tokenizer import HuggingFaceTokenizer
             self.model = lambda ids: hf_model(ids).logits

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from modeling_nanochat.distributed import rank_world
+
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor, autocast=None) -> float:
@@ -43,7 +45,7 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor, autocast
         nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
         total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
         total_bytes += nbytes.sum()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if rank_world()[1] > 1:
         dist.all_reduce(total_nats)
         dist.all_reduce(total_bytes)
     if total_bytes.item() == 0:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from modeling_nanochat.chat_format import render_for_completion
+from modeling_nanochat.distributed import rank_world
 from modeling_nanochat.tokenization import encode_ordinary, special_token_id
 from modeling_nanochat.tool_generation import generate_batch
 
@@ -40,12 +41,6 @@ from .tasks import TASKS, ChatTask
 
 logger = logging.getLogger(__name__)
 CATEGORICAL = ("arc_easy", "arc_challenge", "mmlu")
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,7 +149,7 @@ def evaluate_task(task: ChatTask, model, tokenizer, limit: int | None = None, ba
                   progress: bool = True) -> dict:
     """Accuracy of ``model`` on ``task`` (the first ``limit`` problems). In a distributed run every rank must call
     this; each scores its share and all get the gathered result."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     n = len(task) if limit is None else min(len(task), limit)
     if n < 1:
         raise ValueError(f"{task.title}: nothing to evaluate (limit={limit}, {len(task)} problems)")
@@ -278,7 +273,7 @@ def main(argv=None) -> int:
         return 2
     if state.is_main_process:
         logger.info("ChatCORE: %s on %s (%s), %d process(es), tasks %s", args.model, device, dtype,
-                    _rank_world()[1], ", ".join(t.title for t in tasks.values()))
+                    rank_world()[1], ", ".join(t.title for t in tasks.values()))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
@@ -289,7 +284,7 @@ def main(argv=None) -> int:
         print(format_table(out))
         if args.output:
             out["settings"] = {k: v for k, v in vars(args).items() if k != "output"}
-            out["world_size"] = _rank_world()[1]
+            out["world_size"] = rank_world()[1]
             if "humaneval" in tasks:
                 from .sandbox import capabilities
 

@@ -26,18 +26,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from modeling_nanochat.distributed import rank_world
+
 from .core_bundle import BundleError, CoreTask, Row, ensure_bundle, load_bundle, load_rows
 from .core_prompts import PromptEncoder, Request, build_requests
 from .core_score import core_summary
 from .core_scoring import Scorer, SequenceScore, crop_left, position_limit
 
 logger = logging.getLogger(__name__)
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _judge(task: CoreTask, req: Request, scores: list[SequenceScore]) -> dict:
@@ -108,7 +104,7 @@ def evaluate_core(model, tokenizer, bundle_dir=None, *, max_per_task: int = -1, 
     rotary models). When torch.distributed is initialized, every rank must call this; examples are split by rank
     and results gathered. The model is put in eval mode and given back in the mode it came in.
     """
-    rank, world = _rank_world()
+    rank, world = rank_world()
     specs = load_bundle(ensure_bundle(bundle_dir), tasks)
     data = [(spec, load_rows(spec, max_per_task)) for spec in specs]  # every row checked before any forward
     if device is None:
@@ -199,7 +195,7 @@ def main(argv=None) -> int:
     on_cpu = (args.device or "").startswith("cpu") or not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)
     device = torch.device(args.device) if args.device else state.device
-    rank, world = _rank_world()
+    rank, world = rank_world()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     if rank == 0:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import types
-from pathlib import Path
 
 import torch
 from trl import GRPOTrainer
@@ -103,7 +102,6 @@ class NanoChatGRPOTrainer(MuonAdamWTrainerMixin, GRPOTrainer):
         tokenizer_config.json, which transformers 4.x and TGI read, and token_bytes.pt for bits per byte)."""
         output_dir = output_dir or self.args.output_dir
         super()._save(output_dir, state_dict)
-        Path(output_dir, "chat_template.jinja").unlink(missing_ok=True)
         save_tokenizer(self.processing_class, output_dir)
 
 

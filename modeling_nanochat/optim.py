@@ -53,6 +53,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .distributed import rank_world
+
 # Polar Express coefficients (a, b, c) for 5 iterations (Amsel et al. 2025, arXiv:2505.16932), as used by nanochat.
 POLAR_EXPRESS_COEFFS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -174,12 +176,6 @@ def _maybe_compiled(fn, use_compile: bool):
 # Communication helpers
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _Pending:
     """An async collective, plus the division that turns a SUM into a mean when the backend has no AVG."""
 
@@ -270,7 +266,7 @@ class MuonAdamW(torch.optim.Optimizer):
             return 0, 1
         if self.distributed and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("MuonAdamW(distributed=True) needs an initialised torch.distributed process group")
-        return _dist_info()
+        return rank_world()
 
     def add_param_group(self, param_group: dict) -> None:
         kind = param_group.get("kind")

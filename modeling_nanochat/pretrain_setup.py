@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from .distributed import rank_world
 from .pretraining import Pretrainer, RunError, prepare_output_dir
 from .scaling import PlanError, plan_training
 
@@ -41,14 +42,6 @@ def _accelerator(args):
     except (ImportError, ValueError) as e:
         hint = f"; --report-to {args.report_to} needs its package (pip install {args.report_to})" if log_with else ""
         raise RunError(f"could not set up Accelerate ({e}){hint}") from e
-
-
-def _world(accelerator) -> tuple[int, int]:
-    # under DeepSpeed on CPU, Accelerate's own counters say 1/0 on every rank (HF_NOTES §7): ask torch.distributed
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return accelerator.process_index, accelerator.num_processes
 
 
 def _broadcast_parameters(model) -> None:
@@ -86,7 +79,7 @@ def run(args):
         acc = _accelerator(args)
     except RunError as e:
         _fail(str(e))
-    rank, world = _world(acc)
+    rank, world = rank_world()  # not Accelerate's counters: they can say 1 under DeepSpeed on CPU
     is_main = rank == 0
     deepspeed = acc.distributed_type.name == "DEEPSPEED"
     if deepspeed and args.optimizer == "muonadamw":

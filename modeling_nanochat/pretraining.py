@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from .checkpointing import (STATE_DIR, checkpoint_path, latest_checkpoint, list_checkpoints, load_training_state,
                             prune_checkpoints, remove_stale_temp_dirs, save_checkpoint)
+from .distributed import rank_world
 from .scaling import plan_training
 
 SAMPLE_PROMPTS = (  # nanochat's base_train sample prompts
@@ -61,14 +62,8 @@ class LoopState:
     total_training_time: float = 0.0  # seconds, excluding the first 10 steps and all evaluation
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    rank, world = _world()
+    rank, world = rank_world()
     if world > 1:
         dist.all_reduce(t)
         t = t / world
@@ -76,7 +71,7 @@ def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def _any_rank(flag: bool, device) -> bool:
-    rank, world = _world()
+    rank, world = rank_world()
     if world == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -130,7 +125,7 @@ class Pretrainer:
         self.state = LoopState()
         self.out = args.output_dir
         self.device = accelerator.device
-        self.rank, self.world = _world()
+        self.rank, self.world = rank_world()
         self.is_main = self.rank == 0
         self.peak = _peak_flops(self.device)
         self.resume_step = None

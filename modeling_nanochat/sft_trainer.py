@@ -19,7 +19,6 @@ with these differences from stock TRL, each for nanochat parity:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -193,9 +192,6 @@ class NanoChatSFTTrainer(MuonAdamWTrainerMixin, SFTTrainer):
         output_dir = output_dir or self.args.output_dir
         super()._save(output_dir, state_dict)
         # the template goes into tokenizer_config.json (read by transformers 4.x and TGI), not a separate .jinja file
-        jinja = os.path.join(output_dir, "chat_template.jinja")
-        if os.path.exists(jinja):
-            os.remove(jinja)
         save_tokenizer(self.processing_class, output_dir, self.token_bytes)
 
 

@@ -227,6 +227,9 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str, token_bytes
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out), save_jinja_files=False)
+    # a chat_template.jinja left by an earlier save (e.g. Trainer's, in transformers-5 form) would take precedence
+    # over the template in tokenizer_config.json when transformers 5 loads the dir
+    (out / "chat_template.jinja").unlink(missing_ok=True)
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # v5 writes "TokenizersBackend", unknown to v4/TGI
