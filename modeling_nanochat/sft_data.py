@@ -280,9 +280,16 @@ class SFTMixture:
 
 def mixture_parts(tokenizer, split: str = "train", *, data_dir=None, mmlu_epochs: int = 3, gsm8k_epochs: int = 4,
                   smoltalk_epochs: int = 1, extra_jsonl: Sequence[str] = (), max_tokens: int = 2048,
-                  num_proc: int | None = None) -> list[tuple[str, object]]:
+                  num_proc: int | None = None, convert: Callable | None = None) -> list[tuple[str, object]]:
     """The (name, rendered dataset) parts of nanochat's train or val mixture, one entry per epoch, in task order:
-    SmolTalk, the JSONL files (train only; where nanochat's identity set sat), MMLU, GSM8K."""
+    SmolTalk, the JSONL files (train only; where nanochat's identity set sat), MMLU, GSM8K.
+
+    ``convert(rows, to_conversation, label, num_proc)`` turns a source's rows into the part's dataset; the default
+    renders them with ``render_rows`` (the stock-TRL data script passes one that writes `messages` instead)."""
+    if convert is None:
+        def convert(rows, to_conversation, label, num_proc):
+            return render_rows(rows, tokenizer, to_conversation, max_tokens=max_tokens, label=label,
+                               num_proc=num_proc)
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     epochs = {"smoltalk": smoltalk_epochs, "mmlu": mmlu_epochs, "gsm8k": gsm8k_epochs}
@@ -298,16 +305,15 @@ def mixture_parts(tokenizer, split: str = "train", *, data_dir=None, mmlu_epochs
         source = SOURCES[name]
         rows = load_source_rows(source, split, data_dir)
         # rendered in file order (the cache key does not depend on the shuffle), then put in nanochat's order
-        rendered = render_rows(rows, tokenizer, source.to_conversation, max_tokens=max_tokens,
-                               label=f"{name} {source.splits[split]}", num_proc=num_proc).shuffle(seed=MIXTURE_SEED)
+        rendered = convert(rows, source.to_conversation, f"{name} {source.splits[split]}",
+                           num_proc).shuffle(seed=MIXTURE_SEED)
         if split == "val" and name in VAL_LIMITS:
             rendered = rendered.select(range(min(VAL_LIMITS[name], len(rendered))))
         return [(name, rendered)] * epochs[name]
 
     def jsonl_part(spec: str) -> list:
         path, n = parse_extra_jsonl(spec)
-        rendered = render_rows(load_jsonl_rows(path), tokenizer, jsonl_conversation, max_tokens=max_tokens,
-                               label=os.path.basename(path))
+        rendered = convert(load_jsonl_rows(path), jsonl_conversation, os.path.basename(path), None)
         return [(os.path.basename(path), rendered)] * n
 
     parts = hub_part("smoltalk")

@@ -97,31 +97,13 @@ def write_dataset_dir(splits: dict, out_dir: str, overwrite: bool = False, info:
 
 def conversation_parts(split: str = "train", *, data_dir=None, smoltalk_epochs: int = 1, mmlu_epochs: int = 3,
                        gsm8k_epochs: int = 4, extra_jsonl=(), num_proc: int | None = None) -> list[tuple[str, object]]:
-    """(name, conversations) once per epoch in nanochat's task order, as ``sft_data.mixture_parts`` lists them (same
+    """(name, conversations) once per epoch in nanochat's task order: ``sft_data.mixture_parts`` itself (same
     sources, seed-42 source shuffles, val limits), each part a `messages` dataset instead of rendered tokens."""
     from modeling_nanochat import sft_data
 
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    epochs = {"smoltalk": smoltalk_epochs, "mmlu": mmlu_epochs, "gsm8k": gsm8k_epochs}
-    if split == "val":
-        epochs, extra_jsonl = dict.fromkeys(epochs, 1), ()
-
-    def hub_part(name):
-        if epochs[name] <= 0:
-            return []
-        source = sft_data.SOURCES[name]
-        rows = sft_data.load_source_rows(source, split, data_dir).shuffle(seed=sft_data.MIXTURE_SEED)
-        if split == "val" and name in sft_data.VAL_LIMITS:
-            rows = rows.select(range(min(sft_data.VAL_LIMITS[name], len(rows))))
-        return [(name, to_messages(rows, source.to_conversation, f"{name} {source.splits[split]}", num_proc))] * epochs[name]
-
-    parts = hub_part("smoltalk")
-    for spec in extra_jsonl:
-        path, n = sft_data.parse_extra_jsonl(spec)
-        parts += [(os.path.basename(path), to_messages(sft_data.load_jsonl_rows(path), sft_data.jsonl_conversation,
-                                                       os.path.basename(path)))] * n
-    return parts + hub_part("mmlu") + hub_part("gsm8k")
+    return sft_data.mixture_parts(None, split, data_dir=data_dir, smoltalk_epochs=smoltalk_epochs,
+                                  mmlu_epochs=mmlu_epochs, gsm8k_epochs=gsm8k_epochs, extra_jsonl=extra_jsonl,
+                                  num_proc=num_proc, convert=to_messages)
 
 
 def sft_mixture(split: str = "train", **kwargs):
