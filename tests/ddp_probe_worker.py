@@ -20,3 +20,6 @@ print("PROBE " + json.dumps(dict(distributed_type=str(acc.distributed_type), num
                                  world_size=dist.get_world_size() if dist.is_initialized() else 1,
                                  backend=dist.get_backend() if dist.is_initialized() else None,
                                  grads_equal=all(torch.equal(g, grads[0]) for g in grads))), flush=True)
+if dist.is_initialized():  # a clean gloo teardown: without it a rank can abort at exit ("terminate called ...")
+    dist.barrier()
+    dist.destroy_process_group()

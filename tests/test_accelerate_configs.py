@@ -2,6 +2,7 @@
 launched the documented way, really gives 2 processes whose gradients are synced (not a silent single run)."""
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -59,7 +60,8 @@ def test_cpu_config_starts_two_synced_processes():
            "--main_process_port", str(_free_port()), str(REPO / "tests" / "ddp_probe_worker.py")]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    probes = [json.loads(line.split("PROBE ", 1)[1]) for line in proc.stdout.splitlines() if "PROBE " in line]
+    # both ranks write to one pipe, so their lines can run together: find each probe's JSON object, not each line
+    probes = [json.loads(m) for m in re.findall(r"PROBE (\{[^{}]*\})", proc.stdout)]
     assert len(probes) == 2, proc.stdout
     for p in probes:
         assert p == dict(distributed_type="DistributedType.MULTI_CPU", num_processes=2, world_size=2,
