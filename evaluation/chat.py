@@ -37,7 +37,7 @@ from modeling_nanochat.distributed import rank_world
 from modeling_nanochat.tokenization import encode_ordinary, special_token_id
 from modeling_nanochat.tool_generation import generate_batch
 
-from .tasks import TASKS, ChatTask
+from .tasks import ALL_TASKS, TASKS, ChatTask
 
 logger = logging.getLogger(__name__)
 CATEGORICAL = ("arc_easy", "arc_challenge", "mmlu")
@@ -182,7 +182,7 @@ def load_tasks(names, data: str | None = None) -> dict[str, ChatTask]:
     if data is not None and os.path.isfile(data) and len(names) > 1:
         raise ValueError(f"--data {data} is one file but {len(names)} tasks were asked for: point --data at a "
                          "directory holding <task>.jsonl (or .parquet) per task, or pick one --task")
-    return {name: TASKS[name](data) for name in names}
+    return {name: ALL_TASKS[name](data) for name in names}
 
 
 def evaluate_chat(model, tokenizer, tasks=tuple(TASKS), data: str | None = None, **kwargs) -> dict:
@@ -207,7 +207,7 @@ def format_table(out: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
-_ALIASES = {t.title.lower(): name for name, t in TASKS.items()}  # nanochat's names work too: ARC-Easy, GSM8K, ...
+_ALIASES = {t.title.lower(): name for name, t in ALL_TASKS.items()}  # nanochat's names work too: ARC-Easy, GSM8K, ...
 
 
 def _task_names(spec: str) -> list[str]:
@@ -216,10 +216,10 @@ def _task_names(spec: str) -> list[str]:
         part = part.strip()
         if part.lower() == "all":
             names += list(TASKS)
-        elif part.lower() in TASKS or part.lower() in _ALIASES:
+        elif part.lower() in ALL_TASKS or part.lower() in _ALIASES:
             names.append(_ALIASES.get(part.lower(), part.lower()))
         else:
-            raise argparse.ArgumentTypeError(f"unknown task {part!r}; choose from {', '.join(TASKS)} or all")
+            raise argparse.ArgumentTypeError(f"unknown task {part!r}; choose from {', '.join(ALL_TASKS)} or all")
     return list(dict.fromkeys(names))
 
 
@@ -229,7 +229,8 @@ def _parse(argv):
     p.add_argument("--model", required=True, help="a transformers causal LM directory with a nanochat tokenizer")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--task", type=_task_names, default=list(TASKS),
-                   help=f"{'|'.join(TASKS)}|all, or several separated by commas (default: all)")
+                   help=f"{'|'.join(ALL_TASKS)}|all (the five ChatCORE tasks), or several separated by commas "
+                        "(default: all)")
     p.add_argument("--data", default=None,
                    help="local data in the Hub datasets' formats instead of the Hub: a .jsonl/.json/.parquet file "
                         "(one task), or a directory with <task>.jsonl|.parquet, <task>/, or a download of the Hub "

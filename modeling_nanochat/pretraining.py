@@ -33,20 +33,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from evaluation.samples import SAMPLE_PROMPTS, greedy_completions
+
 from .checkpointing import (STATE_DIR, checkpoint_path, latest_checkpoint, list_checkpoints, load_training_state,
                             prune_checkpoints, remove_stale_temp_dirs, save_checkpoint)
 from .distributed import rank_world
 from .scaling import plan_training
-
-SAMPLE_PROMPTS = (  # nanochat's base_train sample prompts
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-)
 
 
 class RunError(ValueError):
@@ -188,22 +180,9 @@ class Pretrainer:
         finally:
             self.model.train()
 
-    @torch.no_grad()
     def samples(self) -> list[str]:
-        self.model.eval()
-        out = []
-        bos = self.tokenizer.convert_tokens_to_ids("<|bos|>")
-        from .tokenization import encode_ordinary
-        try:
-            for prompt in SAMPLE_PROMPTS:
-                ids = torch.tensor([[bos] + encode_ordinary(self.tokenizer, prompt)], device=self.device)
-                with self.acc.autocast():
-                    gen = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
-                                              do_sample=False, eos_token_id=None, pad_token_id=bos)
-                out.append(self.tokenizer.decode(gen[0, 1:].tolist()))
-        finally:
-            self.model.train()
-        return out
+        return greedy_completions(self.model, self.tokenizer, SAMPLE_PROMPTS, device=self.device,
+                                  autocast=self.acc.autocast)
 
     # -- saving ----------------------------------------------------------------------------------------------
     def trainer_state(self) -> dict:

@@ -62,6 +62,7 @@ def main(rl_args, training_args, model_args):
     from modeling_nanochat.calculator import use_calculator
     from modeling_nanochat.grpo import NanoChatGRPOTrainer, gsm8k_prompt_dataset, rl_muon_setup
     from modeling_nanochat.rewards import gsm8k_reward
+    from modeling_nanochat.sft_trainer import MetricsFileCallback
     from modeling_nanochat.tokenization import load_tokenizer
 
     if not model_args.model_name_or_path:
@@ -84,7 +85,8 @@ def main(rl_args, training_args, model_args):
         muon_setup=rl_muon_setup(init_lr_frac=rl_args.init_lr_frac, unembedding_lr=rl_args.unembedding_lr,
                                  embedding_lr=rl_args.embedding_lr, matrix_lr=rl_args.matrix_lr,
                                  scalar_lr=rl_args.scalar_lr, weight_decay=training_args.weight_decay,
-                                 shard_optimizer=rl_args.shard_optimizer))
+                                 shard_optimizer=rl_args.shard_optimizer),
+        callbacks=[MetricsFileCallback(os.path.join(training_args.output_dir, "metrics.jsonl"))])
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"model saved to {training_args.output_dir}")
