@@ -135,9 +135,13 @@ else
   DATA=climbmix
   stage data $PY -m modeling_nanochat.pretrain_data --data climbmix -n "$NUM_SHARDS"
 fi
+TOK_DATA=$DATA  # the tokenizer reads the downloaded shards in name order (train before val) up to its 2B chars
+if [ "$DATA" = climbmix ]; then
+  TOK_DATA=$($PY -c "from modeling_nanochat.pretrain_sources import default_cache_dir; print(default_cache_dir('climbmix'))")
+fi
 TOK_TEXT=""  # the compression report's texts: nanochat's defaults, or the synthetic world's own
 if [ "$PRESET" = tiny ]; then TOK_TEXT="--text synthetic=$RUN_DIR/data/sample.txt"; fi
-stage tokenizer sh -c "$PY recipes/tokenizer.py --data '$DATA' --vocab-size $VOCAB_SIZE --output-dir '$RUN_DIR/tokenizer' \
+stage tokenizer sh -c "$PY recipes/tokenizer.py --data '$TOK_DATA' --vocab-size $VOCAB_SIZE --output-dir '$RUN_DIR/tokenizer' \
   && $PY recipes/tok_eval.py --tokenizer ours='$RUN_DIR/tokenizer' $TOK_TEXT --json '$RUN_DIR/tokenizer/tok_eval.json'"
 
 # -- pretraining and the base model's evaluation --------------------------------------------------------------------

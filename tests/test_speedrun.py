@@ -1,5 +1,6 @@
 """recipes/speedrun.sh end to end on a reduced tiny preset (d2, a few steps per stage, offline): it finishes with a
-report; killed during pretraining and run again, it resumes and ends with the same losses as an uninterrupted run."""
+report and `python app.py` chats with the result; killed during pretraining and run again, it resumes and ends with
+the same losses as an uninterrupted run."""
 
 import json
 import os
@@ -59,7 +60,7 @@ def _losses(run_dir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("speedrun") / "a"
+    run_dir = tmp_path_factory.mktemp("speedrun") / "runs" / "speedrun-tiny"  # where app.py looks by default
     out = _finish(_speedrun(run_dir))
     return run_dir, out
 
@@ -120,3 +121,23 @@ def test_bad_presets_are_refused_with_the_fix(tmp_path):
                          capture_output=True, text=True)
     assert gpu.returncode == 2 and "needs a GPU" in gpu.stderr and "--preset tiny" in gpu.stderr
     assert not (tmp_path / "x" / "stages").exists()  # refused before anything was written
+
+
+def test_app_chats_with_the_speedrun_result(uninterrupted, tmp_path):
+    """`python app.py` with no arguments, started where the run's runs/ folder is, serves the RL model: its reply
+    over HTTP is that model's greedy reply."""
+    from app_helpers import Server, greedy_reply
+    from gradio_client import Client
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, _ = uninterrupted
+    server = Server([str(REPO / "app.py"), "--port", "{port}"], tmp_path / "app.log", cwd=run_dir.parent.parent)
+    try:
+        server.wait()
+        reply = Client(server.url, verbose=False).predict("What does the cow say?", 0.0, 0, 24, api_name="/chat")
+        assert "speedrun-tiny/rl" in server.output()
+    finally:
+        server.stop()
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "rl").eval()
+    expected, ids = greedy_reply(model, AutoTokenizer.from_pretrained(run_dir / "rl"), "What does the cow say?", 24)
+    assert ids and reply == [{"role": "assistant", "content": expected}]
