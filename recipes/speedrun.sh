@@ -2,7 +2,7 @@
 # The speedrun: raw text -> tokenizer -> base model -> chat model, with a report card (report.md + plots).
 #
 #   bash recipes/speedrun.sh                  # GPUs: nanochat's speedrun (d24, ratio 8, ClimbMix); none: --preset tiny
-#   bash recipes/speedrun.sh --preset tiny    # offline, CPU, synthetic data: ~12 min on 2 cores
+#   bash recipes/speedrun.sh --preset tiny    # offline, CPU, synthetic data: ~9 min on 2 cores
 #   bash recipes/speedrun.sh --preset d12     # a quick GPU run (~5 min of pretraining on 8xH100)
 #   ACCELERATE_CONFIG=accelerate_configs/zero2_8gpu.yaml bash recipes/speedrun.sh --preset d24   # DeepSpeed ZeRO-2
 #
@@ -34,15 +34,13 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=${2:?--preset needs a value}; shift 2 ;;
     --preset=*) PRESET=${1#*=}; shift ;;
-    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument '$1' (bash recipes/speedrun.sh [--preset tiny|cpu|d12|d20|d24]; see --help)" >&2
        exit 2 ;;
   esac
 done
 
 PY=${PYTHON:-python}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-}  # torch picks all cores when unset; kept as the user set it
-[ -n "$OMP_NUM_THREADS" ] || unset OMP_NUM_THREADS
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$PRESET" = auto ]; then
   if [ "$NGPU" -gt 0 ]; then PRESET=d24; else PRESET=tiny; fi
