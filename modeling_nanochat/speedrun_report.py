@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+CODE = Path(__file__).resolve().parents[1]  # the checkout whose commit the report names
 GPT2_CORE = 0.256525  # GPT-2 (1.5B)'s CORE as nanochat measures it: the speedrun's target
 STAGES = ["data", "tokenizer", "pretrain", "base_eval", "base_chat_eval", "sft", "sft_eval", "rl", "rl_eval"]
 # summary rows: (label, where it comes from). Chat tasks are keyed by evaluation.chat's task names.
@@ -57,10 +58,10 @@ def _dollars(x: float) -> str:
     return f"${x:,.2f}" if x >= 1 else f"${x:.4f}"
 
 
-def environment(run: Path) -> list[str]:
+def environment() -> list[str]:
     def cmd(*args) -> str:
         try:
-            return subprocess.run(args, capture_output=True, text=True, timeout=10, cwd=run).stdout.strip()
+            return subprocess.run(args, capture_output=True, text=True, timeout=10, cwd=CODE).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -145,7 +146,7 @@ def write_report(run_dir: str | Path) -> Path:
                   "(`modeling_nanochat/synthetic.py`, fixed seeds) or from the real-format samples in "
                   f"`{os.path.normpath(settings.get('shared_data', '../shared/data'))}`; the real benchmarks need downloads and read "
                   "*n/a offline*."]
-    lines += ["", "## Environment", ""] + environment(run)
+    lines += ["", "## Environment", ""] + environment()
 
     # -- summary table -----------------------------------------------------------------------------------------
     core_runs = base_eval.get("core") or {}
@@ -228,7 +229,7 @@ def write_report(run_dir: str | Path) -> Path:
                 lines.append(f"| {name} | {text} | {r['bytes']:,} | {r['tokens']:,} | {r['ratio']:.3f} |")
 
     # -- base model ------------------------------------------------------------------------------------------------------
-    if base_cfg:
+    if base_cfg or base_eval or base_metrics:
         plan = base_cfg.get("plan", {})
         lines += ["", "## Base model (pretraining)", ""]
         summary = run / "base" / "summary.md"
