@@ -13,10 +13,25 @@ import sys
 from pathlib import Path
 
 
+def read_json(path: Path):
+    """A run's JSON file (run_config.json, an eval result, ...), or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path: Path, missing_ok: bool = False) -> list[dict]:
+    """The rows of a metrics.jsonl (pretraining, SFT, RL); [] for a missing file when missing_ok."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _load(out_dir: Path):
     cfg = json.loads((out_dir / "run_config.json").read_text())
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return cfg, rows
+    return cfg, read_metrics(out_dir / "metrics.jsonl")
 
 
 def write_run_report(out_dir: str | Path) -> Path:

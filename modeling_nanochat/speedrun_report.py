@@ -10,13 +10,15 @@ missing piece reads "-" (not run yet) or "n/a offline" (needs data that was not 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+
+from .run_report import read_json, read_metrics
 
 CODE = Path(__file__).resolve().parents[1]  # the checkout whose commit the report names
 GPT2_CORE = 0.256525  # GPT-2 (1.5B)'s CORE as nanochat measures it: the speedrun's target
@@ -26,19 +28,6 @@ REAL_CHAT = [("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge"), ("MML
              ("HumanEval", "humaneval")]
 CPU_COST_PER_HOUR = 0.10  # a small cloud VM; override with COST_PER_HOUR
 GPU_COST_PER_HOUR = 3.0  # per GPU, nanochat's framing ($24/h for 8xH100)
-
-
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -88,17 +77,10 @@ def environment() -> list[str]:
         "| | |", "|---|---|",
         f"| git | {commit or 'not a git checkout'}{dirty} |",
         f"| machine | {platform.platform()}; {cpu or platform.processor()} x {os.cpu_count()} cores{mem} |",
-        f"| GPUs | {', '.join(f'{n} x {g}' for g, n in _count(gpus)) if gpus else 'none'} |",
+        f"| GPUs | {', '.join(f'{n} x {g}' for g, n in Counter(gpus).items()) if gpus else 'none'} |",
         f"| Python | {platform.python_version()} |",
         f"| packages | {', '.join(versions)} |",
     ]
-
-
-def _count(items):
-    out = {}
-    for x in items:
-        out[x] = out.get(x, 0) + 1
-    return list(out.items())
 
 
 def chat_results(run: Path, stage: str) -> dict:
@@ -107,7 +89,7 @@ def chat_results(run: Path, stage: str) -> dict:
     for path in sorted((run / "eval").glob(f"{stage}*.json")):
         if path.name == "base.json":
             continue
-        data = _json(path) or {}
+        data = read_json(path) or {}
         suffix = path.stem[len(stage):]
         for name, result in (data.get("results") or {}).items():
             if suffix.startswith("-synthetic"):
@@ -122,16 +104,16 @@ def chat_results(run: Path, stage: str) -> dict:
 
 def write_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
-    settings = _json(run / "speedrun.json") or {}
+    settings = read_json(run / "speedrun.json") or {}
     preset = settings.get("preset", "?")
     offline = preset == "tiny"
-    stages = {s: _json(run / "stages" / f"{s}.json") for s in STAGES}
-    base_metrics = _jsonl(run / "base" / "metrics.jsonl")
-    base_cfg = _json(run / "base" / "run_config.json") or {}
-    base_eval = _json(run / "eval" / "base.json") or {}
+    stages = {s: read_json(run / "stages" / f"{s}.json") for s in STAGES}
+    base_metrics = read_metrics(run / "base" / "metrics.jsonl", missing_ok=True)
+    base_cfg = read_json(run / "base" / "run_config.json") or {}
+    base_eval = read_json(run / "eval" / "base.json") or {}
     chats = {s: chat_results(run, s) for s in ("base", "sft", "rl")}
-    sft_metrics = _jsonl(run / "sft" / "metrics.jsonl")
-    rl_metrics = _jsonl(run / "rl" / "metrics.jsonl")
+    sft_metrics = read_metrics(run / "sft" / "metrics.jsonl", missing_ok=True)
+    rl_metrics = read_metrics(run / "rl" / "metrics.jsonl", missing_ok=True)
     gpus = int(settings.get("gpus") or 0)
     cost_per_hour = float(settings.get("cost_per_hour") or (GPU_COST_PER_HOUR * gpus if gpus else CPU_COST_PER_HOUR))
 
@@ -202,7 +184,7 @@ def write_report(run_dir: str | Path) -> Path:
     if checks:
         lines += ["", "Does it learn?", ""] + [f"- {'✅' if ok else '❌'} {text}" for text, ok in checks]
     if offline and (run / "data" / "manifest.json").exists():
-        manifest = _json(run / "data" / "manifest.json")
+        manifest = read_json(run / "data" / "manifest.json")
         lines += ["", "Synthetic tasks (seed {}, items held out from every training set):".format(manifest["seed"]), ""]
         lines += [f"- `{name}`: {text}" for name, text in manifest["tasks"].items()]
 
@@ -221,7 +203,7 @@ def write_report(run_dir: str | Path) -> Path:
               "last attempt's."]
 
     # -- tokenizer -------------------------------------------------------------------------------------------------------
-    tok = _json(run / "tokenizer" / "tok_eval.json")
+    tok = read_json(run / "tokenizer" / "tok_eval.json")
     if tok:
         lines += ["", "## Tokenizer", "", "| tokenizer | text | bytes | tokens | bytes/token |", "|---|---|---:|---:|---:|"]
         for name, texts in tok.items():

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from .run_report import read_metrics
+
 PRETRAIN = Path(__file__).resolve().parents[1] / "recipes" / "pretrain.py"
 COLUMNS = ("label", "depth", "target_flops", "model_dim", "params_total", "params_scaling", "params_wte",
            "params_value_embeds", "params_lm_head", "params_transformer", "params_scalars", "num_iterations",
@@ -34,7 +36,7 @@ def run_point(out_dir: Path, launcher: str, pretrain_args: list[str]) -> None:
 def collect(out_dir: Path, label: str, target_flops: float | None, wall: float) -> dict:
     cfg = json.loads((out_dir / "run_config.json").read_text())
     plan = cfg["plan"]
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(out_dir / "metrics.jsonl")
     val = [r["val_bpb"] for r in rows if "val_bpb" in r]
     core = [r["core"] for r in rows if "core" in r]
     times = [r["total_training_time"] for r in rows if "total_training_time" in r]
