@@ -99,7 +99,7 @@ class NanoChatConfig(_BaseConfig):
     """
 
     model_type = "nanochat_hf"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     attribute_map = {"depth": "num_hidden_layers", "sequence_len": "max_position_embeddings"}
 
     def __init__(
@@ -206,13 +206,11 @@ class NanoChatConfig(_BaseConfig):
         if layer_types is not None and list(layer_types) != derived_types:
             raise ValueError(f"layer_types={layer_types} does not match window_pattern={window_pattern!r} over "
                              f"{num_layers} layers ({derived_types}); drop layer_types, it is derived")
-        # HF-standard names that servers read: `sliding_window` counts keys including the query itself.
         self.layer_types = derived_types
-        expected_sw = self.short_window + 1 if "sliding_attention" in derived_types else None
-        if sliding_window is not None and expected_sw is not None and sliding_window != expected_sw:
+        # `sliding_window` (HF's name, which servers read) is derived from short_window: one source of truth
+        if sliding_window is not None and self.sliding_window is not None and sliding_window != self.sliding_window:
             raise ValueError(f"sliding_window={sliding_window} disagrees with short_window={self.short_window} "
                              f"(HF sliding_window = short_window + 1); drop sliding_window, it is derived")
-        self.sliding_window = expected_sw
 
         # --- value embeddings --------------------------------------------------------------------------------
         if not value_embeds:
@@ -240,13 +238,22 @@ class NanoChatConfig(_BaseConfig):
         self.rms_norm_eps = float(rms_norm_eps)
 
         # RoPE: transformers 5 keeps the base in `rope_parameters`; 4.x reads `rope_theta`. Keep both in sync.
+        # nanochat has no RoPE scaling; a scaled type would need its own frequencies, so it is refused here rather
+        # than silently ignored (4.x spelled it `rope_scaling`).
+        rope_scaling = kwargs.pop("rope_scaling", None)
+        if rope_scaling:
+            rope_parameters = {**(rope_parameters or {}), **rope_scaling}
+            rope_parameters.setdefault("rope_type", rope_parameters.pop("type", "default"))
         if rope_parameters is not None and rope_theta is not None and \
                 float(rope_parameters.get("rope_theta", rope_theta)) != float(rope_theta):
             raise ValueError(f"rope_theta={rope_theta} disagrees with rope_parameters={rope_parameters}")
         if rope_theta is None:
             rope_theta = (rope_parameters or {}).get("rope_theta", 100_000.0)
-        if rope_parameters is not None and rope_parameters.get("rope_type", "default") != "default":
-            raise ValueError(f"only default RoPE is supported, got rope_parameters={rope_parameters}")
+        if rope_parameters is not None and rope_parameters.get("rope_type", rope_parameters.get("type", "default")) \
+                != "default":
+            raise ValueError(f"RoPE scaling is not supported (nanochat trains plain RoPE): got {rope_parameters}. "
+                             "For a longer context, fine-tune with a larger max_position_embeddings (and windows), "
+                             "or change rope_theta")
         self.rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
         self.rope_bf16_tables = bool(rope_bf16_tables)
 
@@ -272,10 +279,38 @@ class NanoChatConfig(_BaseConfig):
         if self.tie_word_embeddings:
             raise ValueError("nanochat unties wte and lm_head; tie_word_embeddings must be False")
 
-    # transformers 4.x reads config.rope_theta; 5.x raises on it for its own configs but ours may keep it.
+    # transformers 4.x reads config.rope_theta; 5.x raises on it for its own configs but ours may keep it. Servers
+    # (vLLM) also set it, so it has a setter that keeps rope_parameters in step.
     @property
     def rope_theta(self):
         return self.rope_parameters["rope_theta"]
+
+    @rope_theta.setter
+    def rope_theta(self, value):
+        self.rope_parameters = {**getattr(self, "rope_parameters", {"rope_type": "default"}), "rope_theta": float(value)}
+
+    @property
+    def sliding_window(self):
+        """Keys an S-layer query sees, itself included (HF's convention: short_window + 1); None without S layers."""
+        if "sliding_attention" not in getattr(self, "layer_types", ()):
+            return None
+        return self.short_window + 1
+
+    @sliding_window.setter
+    def sliding_window(self, value):
+        # transformers' base config sets sliding_window=None on its own: not a change of window
+        if value is None and "sliding_attention" not in getattr(self, "layer_types", ()) or \
+                not hasattr(self, "short_window"):
+            return
+        if value is None or int(value) < 1:
+            raise ValueError(f"sliding_window={value!r}: an S layer sees at least itself (>= 1); to drop the "
+                             "windows use window_pattern=None")
+        self.short_window = int(value) - 1
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["sliding_window"] = self.sliding_window  # a property: written for servers, checked on load
+        return out
 
     @property
     def padded_vocab_size(self):

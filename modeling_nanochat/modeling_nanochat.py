@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
@@ -44,6 +44,22 @@ try:  # transformers >= 5: mask factories that understand packed position_ids, p
     _V5_MASKS = "inputs_embeds" in inspect.signature(create_causal_mask).parameters
 except ImportError:  # pragma: no cover - 4.x
     _V5_MASKS = False
+if _V5_MASKS:
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+# transformers 5.25 renamed the cache from `past_key_values` to `cache`: in forward arguments, in the mask factories'
+# arguments and in output fields (the old names warn, and go in 5.40). We accept both names and speak to each
+# transformers version in the name it declares.
+_MASK_CACHE_ARG = "cache" if _V5_MASKS and "cache" in inspect.signature(create_causal_mask).parameters \
+    else "past_key_values"
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) \
+    else "past_key_values"
+
+
+def _one_cache(past_key_values, cache):
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("got two caches: pass it once, as `cache=` (transformers >= 5.25) or `past_key_values=`")
+    return cache if cache is not None else past_key_values
 
 try:  # transformers >= 5 guards re-initialisation of loaded tensors through these
     from transformers import initialization as _init
@@ -145,8 +161,6 @@ class NanoChatAttention(nn.Module):
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.scaling = self.head_dim ** -0.5  # nanochat uses the default softmax scale; the 1.2 acts on q and k
         self.is_causal = True
-        window = config.layer_window(layer_idx)
-        self.sliding_window = window + 1 if window >= 0 else None  # HF counts the query itself in the window
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -160,6 +174,13 @@ class NanoChatAttention(nn.Module):
         _set_init(self.o_proj, "zeros")  # every block starts as the identity
         if self.ve_gate is not None:
             _set_init(self.ve_gate, "uniform", 0.0, 0.02)  # gates start slightly above neutral
+
+    @property
+    def sliding_window(self):
+        """Keys a query sees, itself included (HF's convention; nanochat's window + 1), or None; read from the config
+        so that a window changed on a live config reaches the attention too."""
+        window = self.config.layer_window(self.layer_idx)
+        return window + 1 if window >= 0 else None
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                 value_embed=None, **kwargs):
@@ -179,6 +200,7 @@ class NanoChatAttention(nn.Module):
             q, k = q * self.config.qk_norm_scale, k * self.config.qk_norm_scale
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+        kwargs.pop("output_attentions", None)
         attn_output, attn_weights = _attention_interface(self.config)(
             self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.config.attention_dropout,
             scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
@@ -208,82 +230,166 @@ class NanoChatDecoderLayer(_LayerBase):
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None,
                 value_embed=None, **kwargs):
-        attn_out, _ = self.self_attn(rms_norm(hidden_states, self.eps), position_embeddings, attention_mask,
-                                     past_key_values, value_embed=value_embed, **kwargs)
+        attn_out, attn_weights = self.self_attn(rms_norm(hidden_states, self.eps), position_embeddings,
+                                                attention_mask, past_key_values, value_embed=value_embed, **kwargs)
         hidden_states = hidden_states + attn_out
-        return hidden_states + self.mlp(rms_norm(hidden_states, self.eps))
+        return hidden_states + self.mlp(rms_norm(hidden_states, self.eps)), attn_weights
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Caches. The smear needs, at every decode step, the previous token's normalized (pre-smear) embedding, which no
+# transformers cache holds (nanochat keeps it in `KVCache.prev_embedding`). Our caches carry it beside the keys and
+# values, so every operation generate() applies to a cache (beam reorder, batch repeat/select, crop for assisted
+# and prompt-lookup decoding, reset) moves it in step.
 
 
 class NanoChatCache(DynamicCache):
-    """A DynamicCache that also carries the smear state: the previous token's normalized (pre-smear) embedding per
-    row, which a one-token decode step needs (nanochat keeps it in `KVCache.prev_embedding`). Beam reordering and
-    batch selection keep it in step with the keys/values. `generate()` builds this class for our model."""
+    """A DynamicCache that also keeps the pre-smear normalized embedding of every cached token (B, T, hidden): the
+    last one feeds the next decode step's smear, the others let `crop` rewind it. It costs hidden/(2 * layers *
+    kv_dim) of the keys and values (~2.5% at d20). `generate()` builds this class for our model."""
+
+    _smear = None  # (buffer (B, capacity, hidden), number of tokens held)
+
+    @property
+    def smear_history(self):
+        return None if self._smear is None else self._smear[0][:, : self._smear[1]]
+
+    @property
+    def smear_state(self):
+        """(B, 1, hidden): the last cached token's pre-smear embedding, or None before the first forward."""
+        history = self.smear_history
+        return None if history is None or history.shape[1] == 0 else history[:, -1:]
+
+    def push_smear(self, x):
+        x = x.detach()
+        buf, n = self._smear if self._smear is not None else (None, 0)
+        if buf is not None and (buf.shape[0] != x.shape[0] or buf.dtype != x.dtype):
+            buf, n = None, 0  # a different batch or dtype: this forward starts the history afresh
+        self._smear = _append_along(buf, n, x, dim=1)
+
+    def _set_history(self, history):
+        self._smear = None if history is None else (history, history.shape[1])
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        if self._smear is not None:
+            self._set_history(self.smear_history.index_select(0, beam_idx.to(self._smear[0].device)))
+
+    def batch_repeat_interleave(self, repeats):
+        super().batch_repeat_interleave(repeats)
+        if self._smear is not None:
+            self._set_history(self.smear_history.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        if self._smear is not None:
+            self._set_history(self.smear_history[indices])
+
+    def crop(self, *args, **kwargs):
+        # transformers <= 5.23 crop(max_length) and >= 5.25 crop(-tokens_to_remove): whichever it is, the history
+        # follows the keys/values to the length they were cropped to
+        super().crop(*args, **kwargs)
+        if self._smear is not None:
+            self._smear = (self._smear[0], min(self._smear[1], self.get_seq_length()))
+
+    def reset(self):
+        super().reset()
+        self._smear = None
+
+
+class NanoChatStaticCache(StaticCache):
+    """transformers' StaticCache (preallocated, for torch.compile) plus the last token's pre-smear embedding in a
+    buffer written in place, so a compiled decode step sees a fixed address. Static caches are not croppable, so
+    only the last embedding is kept. `generate(cache_implementation="static")` builds this class for our model."""
 
     smear_state = None
+
+    def push_smear(self, x):
+        last = x[:, -1:].detach()
+        state = self.smear_state
+        if state is None or state.shape != last.shape or state.dtype != last.dtype or state.device != last.device:
+            self.smear_state = last.clone()
+        else:
+            state.copy_(last)
 
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)
         if self.smear_state is not None:
-            self.smear_state = self.smear_state.index_select(0, beam_idx.to(self.smear_state.device))
+            self.smear_state.copy_(self.smear_state.index_select(0, beam_idx.to(self.smear_state.device)))
 
-    def batch_repeat_interleave(self, repeats):
-        super().batch_repeat_interleave(repeats)
+    def reset(self):
+        super().reset()
         if self.smear_state is not None:
-            self.smear_state = self.smear_state.repeat_interleave(repeats, dim=0)
+            self.smear_state.zero_()  # harmless: a sequence's first position never reads it
 
-    def batch_select_indices(self, indices):
-        super().batch_select_indices(indices)
-        if self.smear_state is not None:
-            self.smear_state = self.smear_state[indices]
 
-    def crop(self, max_length):
-        if self.smear_state is not None:
-            # the embedding of the new last token is not kept; refuse rather than smear with the wrong one
-            raise NotImplementedError("NanoChatCache cannot be cropped once the smear state is set "
-                                      "(assisted decoding is not supported for models with smear=True)")
-        super().crop(max_length)
+def _append_along(buf, n, new, dim):
+    """Write `new` after the first `n` entries of `buf` along `dim`, in place, doubling `buf` when full (nanochat's
+    KVCache writes in place too; concatenating copies everything every step). Returns (buffer, new length)."""
+    t = new.shape[dim]
+    if buf is None or n + t > buf.shape[dim] or buf.shape[:dim] != new.shape[:dim]:
+        shape = list(new.shape)
+        shape[dim] = max(2 * (n + t), 256)
+        grown = new.new_empty(shape)
+        if n:
+            grown.narrow(dim, 0, n).copy_(buf.narrow(dim, 0, n))
+        buf = grown
+    buf.narrow(dim, n, t).copy_(new)
+    return buf, n + t
+
+
+# --- adapter: transformers' dynamic cache layers ------------------------------------------------------------------
+# The only place that relies on fields of transformers' cache layers that are not public API (`keys`, `values`,
+# `is_initialized`, `lazy_initialization`, `cumulative_length`, `sliding_window`, `record_past`). Our layers
+# override `update` alone, to write into a preallocated buffer instead of concatenating (decode speed), and must
+# give exactly what transformers' own layers give. tests/test_cache_adapter.py replays the same updates, crops and
+# batch operations through both and fails loudly when a transformers release changes them; if the fields are
+# missing, the plain layers are used (correct, only slower) and that test fails.
+
+def _layer_fields_present():
+    if not _V5_MASKS:
+        return False
+    try:
+        probe = DynamicSlidingWindowLayer(sliding_window=4)
+    except TypeError:
+        return False
+    return all(hasattr(probe, f) for f in ("keys", "values", "is_initialized", "lazy_initialization",
+                                           "cumulative_length", "sliding_window"))
+
+
+def _in_place_ok(layer):
+    # writes into a buffer that an earlier view was saved from would break autograd: only without grad; and while
+    # transformers records the past for a rollback (assisted decoding, 5.25+), its own update semantics apply
+    return not torch.is_grad_enabled() and not getattr(layer, "record_past", False)
 
 
 def _append_kv(layer, key_states, value_states):
-    """Append to a layer's keys/values inside a preallocated buffer and return views (nanochat's KVCache writes in
-    place too). transformers' DynamicLayer concatenates, copying the whole cache every decode step. The buffer doubles
-    when full; whenever something else replaced `layer.keys` (beam reorder, batch select, crop, reset) the buffer is
-    rebuilt from it. Returns (buffer_k, buffer_v, start, end): the cached tokens are buffer[:, :, start:end]."""
+    """Append to a layer's keys/values inside preallocated buffers; returns (buffer_k, buffer_v, start, end): the
+    cached tokens are buffer[:, :, start:end]. Whenever something else replaced `layer.keys` (beam reorder, batch
+    select, crop, reset) the buffers are rebuilt from it."""
     state = getattr(layer, "_nc_buffer", None)
     if state is not None and layer.keys is state[4]:
         kb, vb, start, end = state[:4]
     else:
         kb = vb = None
         start, end = 0, (layer.keys.shape[-2] if layer.keys is not None and layer.keys.dim() == 4 else 0)
-    t = key_states.shape[-2]
-    if kb is None or end + t > kb.shape[-2] or kb.shape[:2] != key_states.shape[:2]:
-        n = end - start
-        cap = max(2 * (n + t), 256)
-        new_k = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
-        new_v = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
-        if n:
-            new_k[:, :, :n] = layer.keys
-            new_v[:, :, :n] = layer.values
-        kb, vb, start, end = new_k, new_v, 0, n
-    kb[:, :, end:end + t] = key_states
-    vb[:, :, end:end + t] = value_states
-    return kb, vb, start, end + t
+        if end:  # rebuild from what the layer holds now
+            kb, _ = _append_along(None, 0, layer.keys, dim=2)
+            vb, _ = _append_along(None, 0, layer.values, dim=2)
+    kb, _ = _append_along(kb[:, :, start:] if kb is not None and start else kb, end - start, key_states, dim=2)
+    vb, end = _append_along(vb[:, :, start:] if vb is not None and start else vb, end - start, value_states, dim=2)
+    return kb, vb, 0, end
 
 
-def _in_place_ok(layer):
-    # writes into a buffer that an earlier view was saved from would break autograd: only without grad
-    return not torch.is_grad_enabled() and not getattr(layer, "record_past", False)
+IN_PLACE_CACHE_LAYERS = _layer_fields_present()
 
-
-if _V5_MASKS:
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
+if IN_PLACE_CACHE_LAYERS:
     class _InPlaceLayer(DynamicLayer):
         def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
             if not _in_place_ok(self):
                 return super().update(key_states, value_states, *args, **kwargs)
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
             kb, vb, start, end = _append_kv(self, key_states, value_states)
             self.keys, self.values = kb[:, :, start:end], vb[:, :, start:end]
             self._nc_buffer = (kb, vb, start, end, self.keys)
@@ -291,10 +397,10 @@ if _V5_MASKS:
 
     class _InPlaceSlidingLayer(DynamicSlidingWindowLayer):
         def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
             if not _in_place_ok(self):
                 return super().update(key_states, value_states, *args, **kwargs)
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
             self.cumulative_length += key_states.shape[-2]
             kb, vb, start, end = _append_kv(self, key_states, value_states)
             full_k, full_v = kb[:, :, start:end], vb[:, :, start:end]
@@ -303,18 +409,29 @@ if _V5_MASKS:
             self._nc_buffer = (kb, vb, start, end, self.keys)
             return full_k, full_v
 
+    _IN_PLACE_LAYER_CLASSES = {DynamicLayer: _InPlaceLayer, DynamicSlidingWindowLayer: _InPlaceSlidingLayer}
+else:
+    _IN_PLACE_LAYER_CLASSES = {}
+
+
+def _adopt_cache(cache):
+    """Give a cache that transformers built (generate(), `DynamicCache(config=...)`) our class, keeping everything
+    it was set up with (layer kinds, windows, offloading, past recording). Our classes add no constructor state, so
+    re-classing the object is exact across transformers versions, where their constructors differ. Caches of other
+    classes (a user's quantized or offloaded one) are left as they are and get the smear state as an attribute."""
+    if type(cache) is DynamicCache and cache.get_seq_length() == 0:
+        cache.__class__ = NanoChatCache
+        for layer in getattr(cache, "layers", ()):
+            if type(layer) in _IN_PLACE_LAYER_CLASSES:
+                layer.__class__ = _IN_PLACE_LAYER_CLASSES[type(layer)]
+    elif StaticCache is not None and type(cache) is StaticCache:
+        cache.__class__ = NanoChatStaticCache
+    return cache
+
 
 def _new_cache(config):
     # v5 caches read layer_types/sliding_window from the config and keep only the window on S layers
-    if not _V5_MASKS:
-        return NanoChatCache()
-    cache = NanoChatCache(config=config)
-    for i, layer in enumerate(cache.layers):
-        if type(layer) is DynamicSlidingWindowLayer:
-            cache.layers[i] = _InPlaceSlidingLayer(sliding_window=layer.sliding_window)
-        elif type(layer) is DynamicLayer:
-            cache.layers[i] = _InPlaceLayer()
-    return cache
+    return _adopt_cache(DynamicCache(config=config) if _V5_MASKS else DynamicCache())
 
 
 class NanoChatPreTrainedModel(PreTrainedModel):
@@ -329,7 +446,10 @@ class NanoChatPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True  # vLLM/TGI check this to drive the model with their own attention
     _supports_cache_class = True
-    _supports_static_cache = False  # the smear state lives on the cache object (NanoChatCache)
+    # generate(cache_implementation="static") builds NanoChatStaticCache (smear state in a fixed buffer), and the
+    # decode step compiles as one graph (tests/test_generation.py); on 4.x the static path is not wired
+    _supports_static_cache = _V5_MASKS
+    _can_compile_fullgraph = _V5_MASKS
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     @torch.no_grad()
@@ -416,8 +536,8 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
         first_pos = pos[:, 0]
         state = getattr(past_key_values, "smear_state", None) if past_key_values is not None else None
         if state is not None and state.shape[0] == x.shape[0]:
-            prev[:, :1] = state.to(x.dtype)  # decode step: previous token came from the last forward
-            cont[:, 0] = first_pos > 0
+            prev[:, :1] = state.to(x.dtype)  # continuing a sequence: its previous token came from an earlier forward
+            cont[:, 0] = first_pos > 0  # (a new sequence in a reused cache starts at position 0 and ignores it)
         else:
             cont[:, 0] = False
         if attention_mask is not None and attention_mask.dim() == 2:  # covers past + current tokens
@@ -430,20 +550,26 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
         elif server_decode:  # TGI decode: one token per sequence, the previous token is not available here
             cont[:] = False
         if past_key_values is not None:
-            past_key_values.smear_state = x[:, -1:].detach()
+            push = getattr(past_key_values, "push_smear", None)
+            if push is not None:
+                push(x)
+            else:  # a cache class of transformers' own that a user built: the last token only (no crop, no beams)
+                past_key_values.smear_state = x[:, -1:].detach()
         return x + cont.unsqueeze(-1).to(x.dtype) * gate * prev
 
-    def _masks(self, x, attention_mask, position_ids, past_key_values, past_seen):
+    def _masks(self, x, attention_mask, position_ids, cache):
         """One mask per window kind. Sliding layers use transformers' sliding-window factory (it knows sliding
-        caches); full layers are plain causal until the sequence outgrows nanochat's long window."""
+        caches); full layers are plain causal until the sequence may outgrow nanochat's long window."""
         cfg = self.config
         impl = getattr(cfg, "_attn_implementation", None) or "eager"
         kinds = set(cfg.layer_types)
-        total = past_seen + x.shape[1]
-        long_limit = cfg.long_window >= 0 and total > cfg.long_window + 1
+        past_seen = _cached_length(cache)
+        # a preallocated cache (static) may hold more than the long window: add the window's bound (a no-op while
+        # shorter) rather than read a length that compiled code cannot branch on
+        long_limit = cfg.long_window >= 0 and (past_seen is None or past_seen + x.shape[1] > cfg.long_window + 1)
         if _V5_MASKS:
-            kw = dict(config=cfg, inputs_embeds=x, attention_mask=attention_mask,
-                      past_key_values=past_key_values, position_ids=position_ids)
+            kw = {"config": cfg, "inputs_embeds": x, "attention_mask": attention_mask, "position_ids": position_ids,
+                  _MASK_CACHE_ARG: cache}
             masks = {}
             if "full_attention" in kinds:
                 extra = {"and_mask_function": sliding_window_overlay(cfg.long_window + 1)} if long_limit else {}
@@ -453,14 +579,19 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
             return masks
         if impl not in _MASKED_IMPLEMENTATIONS:  # server-managed attention (tgi, flash): no dense mask needed
             return {k: attention_mask for k in kinds}
-        return {kind: _dense_mask(x, attention_mask, position_ids, past_seen, past_key_values is None,
+        return {kind: _dense_mask(x, attention_mask, position_ids, past_seen or 0, cache is None,
                                   cfg.short_window + 1 if kind == "sliding_attention" else
                                   (cfg.long_window + 1 if long_limit else None)) for kind in kinds}
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, cache=None,
+                output_attentions=None, **kwargs):
+        cache = _one_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is None and self.config.value_embed_layers:
+            raise ValueError("this model's value embeddings are looked up by token id (nanochat's value residual), "
+                             "so it needs input_ids; inputs_embeds alone cannot drive it")
         # A clear error for ids from the wrong tokenizer. Only on CPU: on an accelerator the check would cost a host
         # sync per decode step (there the embedding's own device assert fires instead).
         if input_ids is not None and input_ids.device.type == "cpu" and input_ids.numel() and \
@@ -470,40 +601,49 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else \
             self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else \
+            getattr(self.config, "output_attentions", False)
+        impl = getattr(self.config, "_attn_implementation", None) or "eager"
+        if output_attentions and impl != "eager":
+            raise ValueError(f"output_attentions=True needs the eager attention: attn_implementation={impl!r} "
+                             "does not return attention weights. Load with attn_implementation='eager' or set "
+                             "model.config._attn_implementation = 'eager'")
         kwargs.pop("cache_position", None)  # transformers 4.x passes it; positions come from position_ids
-        if use_cache and past_key_values is None:
-            past_key_values = _new_cache(self.config)
+        if use_cache and cache is None:
+            cache = _new_cache(self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past_seen, past_seen + inputs_embeds.shape[1],
-                                        device=inputs_embeds.device).unsqueeze(0)
+        if position_ids is None:  # (a static cache's length is a tensor: added, never read into Python)
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
         elif position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
 
         x = rms_norm(inputs_embeds, self.config.rms_norm_eps)  # norm right after the embedding
+        # generate() with a compilable cache hands over ready masks, one per layer type (create_masks_for_generate)
+        ready_masks = attention_mask if isinstance(attention_mask, dict) else None
         if self.smear_gate is not None:
             # TGI passes its paged cache as `kv_cache` and `cu_seqlen_prefill=None` on decode steps
             server_decode = "kv_cache" in kwargs and kwargs.get("cu_seqlen_prefill") is None
-            x = self._smear(x, position_ids, attention_mask, past_key_values,
+            x = self._smear(x, position_ids, None if ready_masks is not None else attention_mask, cache,
                             kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlen_prefill")), server_decode)
-        masks = self._masks(x, attention_mask, position_ids, past_key_values, past_seen)
+        masks = ready_masks if ready_masks is not None else self._masks(x, attention_mask, position_ids, cache)
         position_embeddings = self.rotary_emb(x, position_ids)
 
         x0 = x
         x_backout = None
         all_hidden = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for i, layer in enumerate(self.layers):
             if all_hidden is not None:
                 all_hidden += (x,)
             if self.resid_lambdas is not None:  # applied before every block, including the first
                 x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](input_ids).to(x.dtype) if str(i) in self.value_embeds else None
-            if ve is None and str(i) in self.value_embeds:
-                raise ValueError("value embeddings are indexed by token id: pass input_ids, not inputs_embeds")
-            x = layer(x, masks[self.config.layer_types[i]], position_embeddings, past_key_values,
-                      value_embed=ve, position_ids=position_ids, **kwargs)
+            x, attn_weights = layer(x, masks[self.config.layer_types[i]], position_embeddings, cache,
+                                    value_embed=ve, position_ids=position_ids, **kwargs)
+            if all_attentions is not None:
+                all_attentions += (attn_weights,)
             if i == self.config.backout_layer:
                 x_backout = x
         if self.backout_lambda is not None:  # remove low-level features cached at mid depth
@@ -511,9 +651,19 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
         x = rms_norm(x, self.config.rms_norm_eps)
         if all_hidden is not None:
             all_hidden += (x,)
-        out = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None,
-                                      hidden_states=all_hidden)
+        out = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=all_hidden, attentions=all_attentions,
+                                      **{_OUTPUT_CACHE_FIELD: cache if use_cache else None})
         return out if return_dict is not False else out.to_tuple()
+
+
+def _cached_length(cache):
+    """Tokens a cache holds, or None for a preallocated (compilable) cache, whose length is a tensor that compiled
+    code must not turn into a Python number; callers then rely on position_ids."""
+    if cache is None:
+        return 0
+    if getattr(cache, "is_compileable", False):
+        return None
+    return cache.get_seq_length()
 
 
 def _dense_mask(x, attention_mask, position_ids, past_seen, no_cache, window):
@@ -548,7 +698,7 @@ class NanoChatHFForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         self.post_init()
         if getattr(self, "generation_config", None) is not None:
             # a chat turn ends at <|assistant_end|>; <|bos|> starts a new document (nanochat's Engine stops on both)
-            self.generation_config.eos_token_id = [config.eos_token_id, config.bos_token_id]
+            self.generation_config.eos_token_id = _stop_ids(config.eos_token_id, config.bos_token_id)
             self.generation_config.pad_token_id = config.pad_token_id
             self.generation_config.bos_token_id = config.bos_token_id
 
@@ -565,21 +715,32 @@ class NanoChatHFForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def _prepare_cache_for_generation(self, *args, **kwargs):
-        """Let generate() build its usual cache, then swap a plain DynamicCache for our NanoChatCache (which keeps
-        the smear state aligned under beam search)."""
+        """Let generate() build its usual cache (dynamic, static, ...), then give it our class, which carries the
+        smear state through beam search, batch expansion and cropping. The cache sits in `model_kwargs` under
+        `cache` (transformers >= 5.25) or `past_key_values` (before)."""
         out = super()._prepare_cache_for_generation(*args, **kwargs)
         model_kwargs = kwargs.get("model_kwargs", args[1] if len(args) > 1 else None)
         if isinstance(model_kwargs, dict):
-            cache = model_kwargs.get("past_key_values")
-            if type(cache) is DynamicCache and cache.get_seq_length() == 0:
-                model_kwargs["past_key_values"] = _new_cache(self.config)
+            for name in ("cache", "past_key_values"):
+                if model_kwargs.get(name) is not None:
+                    _adopt_cache(model_kwargs[name])
         return out
 
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, position_ids=None, **kwargs):
+        """generate() builds the masks ahead of a compiled decode step (compilable caches): ours, with nanochat's
+        long-window bound on full layers, not transformers' generic ones."""
+        cache = _one_cache(kwargs.get("past_key_values"), kwargs.get("cache"))
+        if position_ids is None:
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+                            + (cache.get_seq_length() if cache is not None else 0)).unsqueeze(0)
+        return self.model._masks(inputs_embeds, attention_mask, position_ids, cache)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, return_dict=None, **kwargs):
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, return_dict=None, cache=None,
+                **kwargs):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             return_dict=True, **kwargs)
+                             cache=_one_cache(past_key_values, cache), inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])[..., : self.config.vocab_size]  # drop vocab padding
@@ -590,9 +751,20 @@ class NanoChatHFForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None or kwargs.get("shift_labels") is not None:  # shift_labels: targets already shifted
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                     hidden_states=outputs.hidden_states)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions,
+                                     **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)})
         return out if return_dict is not False else out.to_tuple()
+
+
+def _stop_ids(*ids):
+    """generate()'s stop ids: each given id or list of ids, flattened, without None or repeats (None if empty)."""
+    flat = []
+    for i in ids:
+        for j in (i if isinstance(i, (list, tuple)) else [i]):
+            if j is not None and j not in flat:
+                flat.append(int(j))
+    return flat or None
 
 
 # transformers ships its own NanoChatModel/NanoChatForCausalLM (model_type "nanochat", a different architecture).

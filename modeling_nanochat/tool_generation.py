@@ -1,8 +1,8 @@
 """Batched sampling with nanochat's calculator tool, on any transformers causal LM and its KV cache.
 
-The loop is nanochat's Engine (§5.6, §8.1) on the standard HF API — ``model(input_ids=..., past_key_values=...,
-use_cache=True, position_ids=...)`` returning ``.logits`` and ``.past_key_values`` — so it runs our
-NanoChatForCausalLM and any other transformers model. The prompt is prefilled once and the cache repeated for
+The loop is nanochat's Engine (§5.6, §8.1) on the standard HF API — ``model(input_ids=..., cache=...,
+use_cache=True, position_ids=...)`` returning ``.logits`` and the cache (named ``past_key_values`` before
+transformers 5.25: ``hf_cache`` picks the name) — so it runs our NanoChatForCausalLM and any other transformers model. The prompt is prefilled once and the cache repeated for
 ``num_samples`` rows. Each step yields a column of tokens, one per row, and a mask column: 1 = sampled by the model,
 0 = forced by the tool. When a row closes ``<|python_start|> expr <|python_end|>``, the calculator's result is
 forced into that row as ``<|output_start|> result <|output_end|>`` (mask 0, so losses and RL can leave it out).
@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 import torch
+
+from .hf_cache import cache_kwargs, output_cache
 
 from .calculator import use_calculator
 from .tokenization import encode_ordinary, special_token_id
@@ -59,7 +61,7 @@ def _prefill(model, prompt: list[int], num_samples: int, device):
     # logits_to_keep=1: only the last position's logits are needed (the full (T, V) logits cost as much as a layer)
     out = model(input_ids=ids, position_ids=torch.arange(len(prompt), device=device)[None], use_cache=True,
                 logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    cache, logits = output_cache(out), out.logits[:, -1, :]
     if num_samples > 1:
         if hasattr(cache, "batch_repeat_interleave"):  # DynamicCache and subclasses: copy rows, no recompute
             cache.batch_repeat_interleave(num_samples)
@@ -67,7 +69,7 @@ def _prefill(model, prompt: list[int], num_samples: int, device):
         else:
             out = model(input_ids=ids.expand(num_samples, -1), use_cache=True, logits_to_keep=1,
                         position_ids=torch.arange(len(prompt), device=device)[None].expand(num_samples, -1))
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            cache, logits = output_cache(out), out.logits[:, -1, :]
     return logits, cache
 
 
@@ -101,9 +103,9 @@ def generate(model, tokenizer, prompt: list[int], num_samples: int = 1, max_toke
             masks.append(0 if forced else 1)
             _advance(row, token, sp, tokenizer, calculator)
         yield column, masks
-        out = model(input_ids=torch.tensor(column, device=device)[:, None], past_key_values=cache, use_cache=True,
-                    position_ids=torch.full((num_samples, 1), position, device=device))
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        out = model(input_ids=torch.tensor(column, device=device)[:, None], use_cache=True,
+                    position_ids=torch.full((num_samples, 1), position, device=device), **cache_kwargs(model, cache))
+        cache, logits = output_cache(out), out.logits[:, -1, :]
         position += 1
 
 

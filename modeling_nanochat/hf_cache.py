@@ -1,0 +1,30 @@
+"""The KV cache under the name each model and transformers version uses, for code that drives any causal LM.
+
+transformers 5.25 renamed the cache argument and output field from ``past_key_values`` to ``cache`` (the old names
+warn, and are removed in 5.40); models loaded on older versions, or written as remote code for them, only know
+``past_key_values``. Loops that feed a cache back by hand (the tool-use engine) ask here instead of naming either.
+Our own model accepts both names (``modeling_nanochat.py`` speaks to transformers itself).
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+
+@lru_cache(maxsize=64)
+def _forward_takes_cache(forward_type) -> bool:
+    return "cache" in inspect.signature(forward_type).parameters
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{"cache": cache}`` for a forward that declares ``cache`` (transformers >= 5.25, and ours), else
+    ``{"past_key_values": cache}``."""
+    forward = getattr(type(model), "forward", None) or model.forward
+    return {"cache" if _forward_takes_cache(forward) else "past_key_values": cache}
+
+
+def output_cache(outputs):
+    """The cache a forward returned, read from ``cache`` (>= 5.25) or ``past_key_values`` without a warning."""
+    fields = getattr(outputs, "__dataclass_fields__", {})
+    return getattr(outputs, "cache" if "cache" in fields else "past_key_values", None)
