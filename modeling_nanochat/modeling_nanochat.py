@@ -424,7 +424,7 @@ def _adopt_cache(cache):
         for layer in getattr(cache, "layers", ()):
             if type(layer) in _IN_PLACE_LAYER_CLASSES:
                 layer.__class__ = _IN_PLACE_LAYER_CLASSES[type(layer)]
-    elif StaticCache is not None and type(cache) is StaticCache:
+    elif type(cache) is StaticCache:
         cache.__class__ = NanoChatStaticCache
     return cache
 
@@ -613,9 +613,8 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
             cache = _new_cache(self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if position_ids is None:  # (a static cache's length is a tensor: added, never read into Python)
-            past_seen = cache.get_seq_length() if cache is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
+        if position_ids is None:
+            position_ids = _next_positions(inputs_embeds, cache)
         elif position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
 
@@ -654,6 +653,13 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
         out = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=all_hidden, attentions=all_attentions,
                                       **{_OUTPUT_CACHE_FIELD: cache if use_cache else None})
         return out if return_dict is not False else out.to_tuple()
+
+
+def _next_positions(x, cache):
+    """(1, T) positions of x's tokens after what the cache holds (a static cache's length is a tensor: added, never
+    read into Python)."""
+    past_seen = cache.get_seq_length() if cache is not None else 0
+    return (torch.arange(x.shape[1], device=x.device) + past_seen).unsqueeze(0)
 
 
 def _cached_length(cache):
@@ -731,8 +737,7 @@ class NanoChatHFForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         long-window bound on full layers, not transformers' generic ones."""
         cache = _one_cache(kwargs.get("past_key_values"), kwargs.get("cache"))
         if position_ids is None:
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-                            + (cache.get_seq_length() if cache is not None else 0)).unsqueeze(0)
+            position_ids = _next_positions(inputs_embeds, cache)
         return self.model._masks(inputs_embeds, attention_mask, position_ids, cache)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,

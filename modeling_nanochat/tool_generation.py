@@ -2,9 +2,9 @@
 
 The loop is nanochat's Engine (§5.6, §8.1) on the standard HF API — ``model(input_ids=..., cache=...,
 use_cache=True, position_ids=...)`` returning ``.logits`` and the cache (named ``past_key_values`` before
-transformers 5.25: ``hf_cache`` picks the name) — so it runs our NanoChatForCausalLM and any other transformers model. The prompt is prefilled once and the cache repeated for
-``num_samples`` rows. Each step yields a column of tokens, one per row, and a mask column: 1 = sampled by the model,
-0 = forced by the tool. When a row closes ``<|python_start|> expr <|python_end|>``, the calculator's result is
+transformers 5.25: ``hf_cache`` picks the name) — so it runs our NanoChatForCausalLM and any other transformers
+model. The prompt is prefilled once and the cache repeated for ``num_samples`` rows. Each step yields a column of
+tokens, one per row, and a mask column: 1 = sampled by the model, 0 = forced by the tool. When a row closes ``<|python_start|> expr <|python_end|>``, the calculator's result is
 forced into that row as ``<|output_start|> result <|output_end|>`` (mask 0, so losses and RL can leave it out).
 A row is finished once it emits ``<|assistant_end|>`` or ``<|bos|>``; like nanochat, finished rows keep being fed
 (their tokens are ignored by ``generate_batch``) and the loop stops when all rows are finished or after
@@ -18,9 +18,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .hf_cache import cache_kwargs, output_cache
-
 from .calculator import use_calculator
+from .hf_cache import cache_kwargs, output_cache
 from .tokenization import encode_ordinary, special_token_id
 
 
@@ -89,6 +88,7 @@ def generate(model, tokenizer, prompt: list[int], num_samples: int = 1, max_toke
     vocab = len(tokenizer)  # models may pad their output layer; never sample an id the tokenizer lacks
 
     logits, cache = _prefill(model, prompt, num_samples, device)
+    (cache_name,) = cache_kwargs(model, None)  # the forward's name for the cache, looked up once
     rows = [_Row() for _ in range(num_samples)]
     position = len(prompt)
     for _ in range(max_tokens):
@@ -104,7 +104,7 @@ def generate(model, tokenizer, prompt: list[int], num_samples: int = 1, max_toke
             _advance(row, token, sp, tokenizer, calculator)
         yield column, masks
         out = model(input_ids=torch.tensor(column, device=device)[:, None], use_cache=True,
-                    position_ids=torch.full((num_samples, 1), position, device=device), **cache_kwargs(model, cache))
+                    position_ids=torch.full((num_samples, 1), position, device=device), **{cache_name: cache})
         cache, logits = output_cache(out), out.logits[:, -1, :]
         position += 1
 
