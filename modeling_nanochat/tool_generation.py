@@ -4,8 +4,9 @@ The loop is nanochat's Engine (§5.6, §8.1) on the standard HF API — ``model(
 use_cache=True, position_ids=...)`` returning ``.logits`` and the cache (named ``past_key_values`` before
 transformers 5.25: ``hf_cache`` picks the name) — so it runs our NanoChatForCausalLM and any other transformers
 model. The prompt is prefilled once and the cache repeated for ``num_samples`` rows. Each step yields a column of
-tokens, one per row, and a mask column: 1 = sampled by the model, 0 = forced by the tool. When a row closes ``<|python_start|> expr <|python_end|>``, the calculator's result is
-forced into that row as ``<|output_start|> result <|output_end|>`` (mask 0, so losses and RL can leave it out).
+tokens, one per row, and a mask column: 1 = sampled by the model, 0 = forced by the tool. When a row closes
+``<|python_start|> expr <|python_end|>``, the calculator's result is forced into that row as
+``<|output_start|> result <|output_end|>`` (mask 0, so losses and RL can leave it out).
 A row is finished once it emits ``<|assistant_end|>`` or ``<|bos|>``; like nanochat, finished rows keep being fed
 (their tokens are ignored by ``generate_batch``) and the loop stops when all rows are finished or after
 ``max_tokens`` steps.
