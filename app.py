@@ -7,7 +7,7 @@
 On a Hugging Face Space the same file runs as is: the Space sets $NANOCHAT_MODEL (a Hub id) or
 $NANOCHAT_ENDPOINT, and Gradio's $GRADIO_SERVER_NAME/$GRADIO_SERVER_PORT (see space/README.md).
 
-The local mode streams tokens (modeling_nanochat.chat.ChatSession over tool_generation), runs calculator calls
+The local mode streams tokens (modeling_nanochat.apps.chat.ChatSession over tool_generation), runs calculator calls
 and shows each call with its result as a collapsible "calculator" block. A server decodes with special tokens
 skipped and runs no tool, so the endpoint mode is plain chat (the UI says so). Requests are queued: one
 generation at a time on a local model (--concurrency), so several users wait their turn instead of sharing the
@@ -22,7 +22,7 @@ import os
 import gradio as gr
 
 from modeling_nanochat import chat_backend as cb
-from modeling_nanochat.chat import load
+from modeling_nanochat.apps.chat import load
 
 EXAMPLES = [
     ["Why is the sky blue?"],

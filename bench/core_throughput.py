@@ -7,8 +7,8 @@
 Ours = `evaluation.core.evaluate_core` (prompts, tokenization, batched scoring). With --nanochat-dir, nanochat's own
 evaluator (`nanochat.core_eval.evaluate_task`, one example per forward) is imported from that checkout at run time
 (never copied) and run on the same rows (our loader applies nanochat's shuffle and cut, checked against nanochat's
-in tests/test_core.py). For one of our NanoChat checkpoints it runs on nanochat's own GPT with the same weights
-(converted with `modeling_nanochat.convert.to_nanochat`) and nanochat's tokenizer.pkl; any other model is handed to
+in tests/evaluation/test_core.py). For one of our NanoChat checkpoints it runs on nanochat's own GPT with the same weights
+(converted with `modeling_nanochat.checkpoints.convert.to_nanochat`) and nanochat's tokenizer.pkl; any other model is handed to
 it through a `model(ids) -> logits` wrapper with nanochat's HuggingFaceTokenizer. Both must agree on every task's
 accuracy ("same_accuracy"). Timing: one untimed warm-up round, then --rounds rounds; within a round the two take
 turns task by task (ABBA order across rounds), so drift in a shared machine's load hits both alike. A task's time is
@@ -46,8 +46,8 @@ def log(msg):
 
 def make_model_dir(args, tmp: str) -> str:
     from modeling_nanochat import NanoChatConfig, NanoChatForCausalLM
-    from modeling_nanochat.convert import convert, save_hf_checkpoint
-    from modeling_nanochat.tokenization import convert_nanochat_tokenizer
+    from modeling_nanochat.checkpoints.convert import convert, save_hf_checkpoint
+    from modeling_nanochat.tokenizer.tokenizer import convert_nanochat_tokenizer
 
     out = os.path.join(tmp, "model")
     if args.random_depth is None:

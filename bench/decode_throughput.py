@@ -9,11 +9,11 @@ Paths, each timed like nanochat's scripts/infer_bench.py (the first token of a g
 its time the TTFT; each later token = one decode step for all rows; decode tok/s = rows x steps / decode time):
 * `generate`: transformers' `model.generate()` (greedy, our NanoChatCache), the prompt repeated on B rows, so its
   prefill is B x prompt tokens.
-* `tool_generation`: `modeling_nanochat.tool_generation.generate`, nanochat's Engine loop on the HF API (one
+* `tool_generation`: `modeling_nanochat.generation.tool_use.generate`, nanochat's Engine loop on the HF API (one
   batch-1 prefill, the cache repeated to B rows, the calculator state machine): the path of our chat CLI, app and
   ChatCORE.
 * `nanochat_engine` (--nanochat-dir): nanochat's own `Engine` on its `GPT` holding the same weights (converted with
-  `modeling_nanochat.convert.to_nanochat`; nanochat is imported from that directory at run time).
+  `modeling_nanochat.checkpoints.convert.to_nanochat`; nanochat is imported from that directory at run time).
 "prefill" is each path's batch-1 TTFT (prompt tokens / TTFT). "ratio_vs_nanochat" = ours / nanochat in tok/s
 (> 1: ours faster). Every number is the median of --repeats runs; within a repeat the paths take turns, so a shared
 machine's load drifts over all alike. "decode_tok_per_s_best" (and "decode_best") take each decode step's fastest
@@ -41,8 +41,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from modeling_nanochat import NanoChatConfig, NanoChatForCausalLM  # noqa: E402
-from modeling_nanochat.tokenization import SPECIAL_TOKENS  # noqa: E402
-from modeling_nanochat.tool_generation import generate as tool_generate  # noqa: E402
+from modeling_nanochat.tokenizer.tokenizer import SPECIAL_TOKENS  # noqa: E402
+from modeling_nanochat.generation.tool_use import generate as tool_generate  # noqa: E402
 
 
 def log(msg):

@@ -12,12 +12,10 @@ than the short window, and the decode runs past it. fp32 on CPU. Prints one JSON
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -65,7 +63,7 @@ def main():
 
     import modeling_nanochat  # noqa: F401 - registers the model type
     from modeling_nanochat import NanoChatForCausalLM
-    from modeling_nanochat.convert import load_nanochat_checkpoint
+    from modeling_nanochat.checkpoints.convert import load_nanochat_checkpoint
 
     results, ok = [], True
     started = time.time()

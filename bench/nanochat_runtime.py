@@ -1,5 +1,5 @@
 """nanochat's own code for the benchmarks' comparisons: imported at run time from the user's checkout (never copied
-into this repo) and run on the same weights as ours, converted with `modeling_nanochat.convert.to_nanochat`."""
+into this repo) and run on the same weights as ours, converted with `modeling_nanochat.checkpoints.convert.to_nanochat`."""
 
 import json
 import os
@@ -28,7 +28,7 @@ def nanochat_gpt(model_dir: str, device, workdir: str):
     inference (meta device, to_empty, init_weights for the rotary tables, then the weights)."""
     from nanochat.gpt import GPT, GPTConfig
 
-    from modeling_nanochat.convert import to_nanochat
+    from modeling_nanochat.checkpoints.convert import to_nanochat
 
     src = Path(to_nanochat(model_dir, os.path.join(workdir, "nanochat"), overwrite=True))
     meta_path = next(src.glob("meta_*.json"))

@@ -58,7 +58,7 @@ def main(argv=None):
     work = Path(args.workdir or tempfile.mkdtemp(prefix="optim-paths-"))
     tok = args.tokenizer
     if tok is None:
-        from modeling_nanochat.tokenization import convert_nanochat_tokenizer, save_tokenizer
+        from modeling_nanochat.tokenizer.tokenizer import convert_nanochat_tokenizer, save_tokenizer
         tok = str(work / "tokenizer")
         save_tokenizer(convert_nanochat_tokenizer(str(REPO / "tests" / "fixtures" / "nanochat_tokenizer_4k")), tok)
     s = args.lr_scale

@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from modeling_nanochat import NanoChatConfig, NanoChatForCausalLM  # noqa: E402
-from modeling_nanochat.optim import MuonAdamW, build_param_groups  # noqa: E402
-from modeling_nanochat.scaling import flops_per_token, peak_flops  # noqa: E402
+from modeling_nanochat.optim.muon_adamw import MuonAdamW, build_param_groups  # noqa: E402
+from modeling_nanochat.optim.scaling import flops_per_token, peak_flops  # noqa: E402
 
 GIB = 2**30
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tokenizers  # noqa: E402
 
-from modeling_nanochat.tokenization import (  # noqa: E402
+from modeling_nanochat.tokenizer.tokenizer import (  # noqa: E402
     SPECIAL_TOKENS,
     SPLIT_PATTERN,
     encode_ordinary,

@@ -8,7 +8,7 @@ Tasks as nanochat's scripts/chat_eval.py runs them (reference §6.3):
 * ARC-Easy, ARC-Challenge, MMLU (categorical): prompts rendered up to ``<|assistant_start|>``, right-padded with
   BOS, one forward per batch of 8; the answer is the argmax of the last position's logits over the allowed letters.
 * GSM8K, HumanEval (generative): ``num_samples`` completions per problem with the calculator tool
-  (modeling_nanochat.tool_generation, nanochat's Engine: greedy by default, 512 new tokens, top-k 50, seed 42);
+  (modeling_nanochat.generation.tool_use, nanochat's Engine: greedy by default, 512 new tokens, top-k 50, seed 42);
   a problem passes if any completion does (pass@k). HumanEval programs run in evaluation/sandbox.py.
 * ChatCORE = mean over the five tasks of (accuracy - baseline) / (1 - baseline), baseline 0.25 for the
   multiple-choice tasks and 0 for the others; ChatCORE_cat is the same over the three categorical tasks.
@@ -32,10 +32,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from modeling_nanochat.chat_format import render_for_completion
-from modeling_nanochat.distributed import rank_world
-from modeling_nanochat.tokenization import encode_ordinary, special_token_id
-from modeling_nanochat.tool_generation import generate_batch
+from modeling_nanochat.tokenizer.chat_format import render_for_completion
+from modeling_nanochat.utils.distributed import rank_world
+from modeling_nanochat.utils.dtypes import torch_dtype
+from modeling_nanochat.tokenizer.tokenizer import encode_ordinary, special_token_id
+from modeling_nanochat.generation.tool_use import generate_batch
 
 from .tasks import ALL_TASKS, TASKS, ChatTask
 
@@ -264,8 +265,7 @@ def main(argv=None) -> int:
     on_cpu = (args.device or "").startswith("cpu") or not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)  # starts torch.distributed under torchrun / accelerate launch (gloo on CPU)
     device = torch.device(args.device) if args.device else state.device
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch_dtype(args.dtype, device)
     try:
         with state.main_process_first():  # one rank fills the datasets cache, the others read it
             tasks = load_tasks(args.task, args.data)

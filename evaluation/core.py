@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from modeling_nanochat.distributed import rank_world
+from modeling_nanochat.utils.distributed import rank_world
+from modeling_nanochat.utils.dtypes import torch_dtype
 
 from .core_bundle import BundleError, CoreTask, Row, ensure_bundle, load_bundle, load_rows
 from .core_prompts import PromptEncoder, Request, build_requests
@@ -196,8 +197,7 @@ def main(argv=None) -> int:
     state = PartialState(cpu=on_cpu)
     device = torch.device(args.device) if args.device else state.device
     rank, world = rank_world()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch_dtype(args.dtype, device)
     if rank == 0:
         logger.info("CORE: %s on %s (%s), %d process(es)", args.model, device, dtype, world)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)

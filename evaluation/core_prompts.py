@@ -1,7 +1,7 @@
 """CORE prompts as nanochat builds them, tokenized into the token spans that get scored.
 
 nanochat renders prompts with Jinja templates whose output is plain concatenation, so they are formatted directly
-here (tests/test_core.py checks the token ids against nanochat's own, item by item):
+here (tests/evaluation/test_core.py checks the token ids against nanochat's own, item by item):
 
 * each few-shot demonstration is ``context + delimiter + answer`` and a blank line (``"\\n\\n"``), then the item;
 * multiple_choice: one prompt per choice, ``query + delimiter + choice``; the scored span starts where the token
@@ -56,7 +56,7 @@ class PromptEncoder:
     def __init__(self, tokenizer):
         self.bos_id = bos_token_id(tokenizer)
         if hasattr(tokenizer, "backend_tokenizer"):  # fast tokenizers: one batched call through `tokenizers`
-            from modeling_nanochat.tokenization import encode_ordinary
+            from modeling_nanochat.tokenizer.tokenizer import encode_ordinary
             self._encode = lambda texts: encode_ordinary(tokenizer, texts)
         else:
             self._encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -23,7 +23,7 @@ def greedy_completions(model, tokenizer, prompts=SAMPLE_PROMPTS, *, max_new_toke
                        autocast=contextlib.nullcontext) -> list[str]:
     """Each prompt after <|bos|>, continued greedily for max_new_tokens (no stop token: a base model has no turn
     end); returns prompt + continuation as text. The model's train/eval mode is restored."""
-    from modeling_nanochat.tokenization import encode_ordinary
+    from modeling_nanochat.tokenizer.tokenizer import encode_ordinary
 
     device = device or next(model.parameters()).device
     was_training = model.training

@@ -342,7 +342,7 @@ def _append_along(buf, n, new, dim):
 # The only place that relies on fields of transformers' cache layers that are not public API (`keys`, `values`,
 # `is_initialized`, `lazy_initialization`, `cumulative_length`, `sliding_window`, `record_past`). Our layers
 # override `update` alone, to write into a preallocated buffer instead of concatenating (decode speed), and must
-# give exactly what transformers' own layers give. tests/test_cache_adapter.py replays the same updates, crops and
+# give exactly what transformers' own layers give. tests/model/test_cache_adapter.py replays the same updates, crops and
 # batch operations through both and fails loudly when a transformers release changes them; if the fields are
 # missing, the plain layers are used (correct, only slower) and that test fails.
 
@@ -447,7 +447,7 @@ class NanoChatPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True  # vLLM/TGI check this to drive the model with their own attention
     _supports_cache_class = True
     # generate(cache_implementation="static") builds NanoChatStaticCache (smear state in a fixed buffer), and the
-    # decode step compiles as one graph (tests/test_generation.py); on 4.x the static path is not wired
+    # decode step compiles as one graph (tests/model/test_generation.py); on 4.x the static path is not wired
     _supports_static_cache = _V5_MASKS
     _can_compile_fullgraph = _V5_MASKS
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]

@@ -58,8 +58,8 @@ def main(argv=None) -> dict:
     from evaluation.bpb import evaluate_bpb
     from evaluation.core import evaluate_core, format_table
     from evaluation.samples import SAMPLE_PROMPTS, greedy_completions
-    from modeling_nanochat.pretrain_data import PretrainLoader, resolve_data
-    from modeling_nanochat.tokenization import load_token_bytes, load_tokenizer
+    from modeling_nanochat.data.loader import PretrainLoader, resolve_data
+    from modeling_nanochat.tokenizer.tokenizer import load_tokenizer, token_bytes_of
 
     cores = {}
     for spec in ([] if args.no_core else args.core or ["core=default"]):
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if device.type == "cuda" else None
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
     tokenizer = load_tokenizer(args.model)
-    token_bytes = load_token_bytes(args.model)
+    token_bytes = token_bytes_of(args.model, tokenizer)
     seq_len = model.config.max_position_embeddings
     source = resolve_data(args.data or pretraining_data(args.model))
     out = {"model": os.path.abspath(args.model), "world_size": world, "bpb": {}, "core": {}, "samples": []}

@@ -59,17 +59,18 @@ def main(rl_args, training_args, model_args):
     from transformers import AutoModelForCausalLM
 
     import modeling_nanochat  # noqa: F401 - registers the model type with the Auto classes
-    from modeling_nanochat.calculator import use_calculator
-    from modeling_nanochat.grpo import NanoChatGRPOTrainer, gsm8k_prompt_dataset, rl_muon_setup
-    from modeling_nanochat.rewards import gsm8k_reward
-    from modeling_nanochat.sft_trainer import MetricsFileCallback
-    from modeling_nanochat.tokenization import load_tokenizer
+    from modeling_nanochat.generation.calculator import use_calculator
+    from modeling_nanochat.rl.trainer import NanoChatGRPOTrainer, gsm8k_prompt_dataset, rl_muon_setup
+    from modeling_nanochat.rl.rewards import gsm8k_reward
+    from modeling_nanochat.utils.distributed import world_size
+    from modeling_nanochat.utils.run_files import MetricsFileCallback
+    from modeling_nanochat.tokenizer.tokenizer import load_tokenizer
 
     if not model_args.model_name_or_path:
         raise ValueError("set model_name_or_path to the SFT checkpoint directory (an HF model dir with its tokenizer)")
     if model_args.use_peft:
         raise ValueError("use_peft is not supported by this recipe: MuonAdamW's groups are nanochat's full parameters")
-    training_args = derive_accumulation(training_args, rl_args, int(os.environ.get("WORLD_SIZE", "1")))
+    training_args = derive_accumulation(training_args, rl_args, world_size())
 
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(__import__("torch"), model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype or "auto",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from modeling_nanochat.sweep import device_batch_for, split_passthrough, sweep, sweep_parser  # noqa: E402
+from modeling_nanochat.pretrain.sweep import device_batch_for, split_passthrough, sweep, sweep_parser  # noqa: E402
 
 
 def main(argv=None):

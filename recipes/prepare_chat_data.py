@@ -9,7 +9,7 @@ recipes/trl/grpo.yaml`), which reads `dataset_name: DIR` with `datasets.load_dat
         --mmlu-epochs 0 --extra-jsonl my_conversations.jsonl --no-val
     python recipes/prepare_chat_data.py grpo --output-dir data/chat_tiny/grpo --gsm8k ../shared/data/gsm8k/train_sample.jsonl
 
-The SFT mixture is `modeling_nanochat.sft_data`'s (what `recipes/sft.py` trains on), in the same order, kept as
+The SFT mixture is `modeling_nanochat.sft.data`'s (what `recipes/sft.py` trains on), in the same order, kept as
 conversations: the stock CLI renders them itself through the tokenizer's chat template.
 
 SFT dir: `train-*.parquet` (and `test-*.parquet`, nanochat's validation mixture) with one column `messages` in TRL's
@@ -21,7 +21,7 @@ nanochat's tokens and loss mask (python calls trained, tool outputs not). Rows a
 validation here, so a bad conversation fails now and not in the middle of TRL's tokenization.
 
 GRPO dir: `train-*.parquet` (and `test-*.parquet`): `prompt` = `[{"role": "user", "content": question}]` and
-`answer` = GSM8K's reference solution, which `modeling_nanochat.rewards.gsm8k_reward` grades against. Rows are in
+`answer` = GSM8K's reference solution, which `modeling_nanochat.rl.rewards.gsm8k_reward` grades against. Rows are in
 nanochat's order (seed-42 shuffle); recipes/trl/grpo.yaml keeps it (`shuffle_dataset: false`).
 """
 
@@ -51,7 +51,7 @@ def to_messages(rows, to_conversation, label: str = "rows", num_proc: int | None
     only `role` and `content`. `Dataset.map` writes Arrow batch by batch, so SmolTalk's 460K rows never sit in memory."""
 
     def convert(batch, indices):
-        from modeling_nanochat.chat_format import normalize_messages
+        from modeling_nanochat.tokenizer.chat_format import normalize_messages
 
         out = []
         for j, index in enumerate(indices):
@@ -80,7 +80,7 @@ def write_split(dataset, out_dir: str | os.PathLike, split: str) -> list[str]:
 
 def write_dataset_dir(splits: dict, out_dir: str, overwrite: bool = False, info: dict | None = None) -> str:
     """Write each split's parquet files (and `prepare_info.json`) into `out_dir`, atomically."""
-    from modeling_nanochat.convert import atomic_dir
+    from modeling_nanochat.utils.io import atomic_dir
 
     with atomic_dir(out_dir, overwrite) as tmp:
         for split, ds in splits.items():
@@ -92,14 +92,14 @@ def write_dataset_dir(splits: dict, out_dir: str, overwrite: bool = False, info:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# SFT: modeling_nanochat.sft_data's mixture, as conversations instead of rendered tokens
+# SFT: modeling_nanochat.sft.data's mixture, as conversations instead of rendered tokens
 
 
 def conversation_parts(split: str = "train", *, data_dir=None, smoltalk_epochs: int = 1, mmlu_epochs: int = 3,
                        gsm8k_epochs: int = 4, extra_jsonl=(), num_proc: int | None = None) -> list[tuple[str, object]]:
     """(name, conversations) once per epoch in nanochat's task order: ``sft_data.mixture_parts`` itself (same
     sources, seed-42 source shuffles, val limits), each part a `messages` dataset instead of rendered tokens."""
-    from modeling_nanochat import sft_data
+    from modeling_nanochat.sft import data as sft_data
 
     return sft_data.mixture_parts(None, split, data_dir=data_dir, smoltalk_epochs=smoltalk_epochs,
                                   mmlu_epochs=mmlu_epochs, gsm8k_epochs=gsm8k_epochs, extra_jsonl=extra_jsonl,
@@ -111,7 +111,7 @@ def sft_mixture(split: str = "train", **kwargs):
     flattened (part, row) list shuffled by random.Random(42), nanochat's TaskMixture)."""
     from datasets import concatenate_datasets
 
-    from modeling_nanochat import sft_data
+    from modeling_nanochat.sft import data as sft_data
 
     parts = conversation_parts(split, **kwargs)
     if not parts:
@@ -126,7 +126,7 @@ def sft_mixture(split: str = "train", **kwargs):
 
 
 def grpo_splits(gsm8k=None, gsm8k_test=None, test: bool = True, test_limit: int = 400, limit: int | None = None):
-    from modeling_nanochat.grpo import gsm8k_prompt_dataset
+    from modeling_nanochat.rl.trainer import gsm8k_prompt_dataset
 
     train = gsm8k_prompt_dataset(gsm8k, "train", limit=limit)
     # local train file and no test file: no test split (never reach for the Hub behind the user's back)

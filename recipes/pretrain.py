@@ -1,5 +1,5 @@
 """Pretrain a nanochat base model. One dial: --depth sets the model and, by nanochat's rules, the token budget,
-batch size, learning rates, weight decay and schedules (see `modeling_nanochat/scaling.py`); every derived value can
+batch size, learning rates, weight decay and schedules (see `modeling_nanochat/optim/scaling.py`); every derived value can
 be overridden.
 
     accelerate launch recipes/pretrain.py --depth 20 --tokenizer runs/tokenizer --output-dir runs/d20
@@ -15,8 +15,6 @@ checkpoint-<step>/ (HF model + exact training state), and the final model at the
 """
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -89,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from modeling_nanochat.pretrain_setup import run
+    from modeling_nanochat.pretrain.setup import run
     return run(args)
 
 

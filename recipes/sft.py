@@ -4,7 +4,7 @@
         --model_name_or_path runs/d20 --output_dir runs/d20-sft
     python recipes/sft.py --config recipes/sft/tiny_cpu.yaml --model_name_or_path runs/tiny   # offline CPU smoke run
 
-The YAML keys are the fields of modeling_nanochat.sft_trainer.NanoChatSFTConfig (TRL's SFTConfig plus nanochat's
+The YAML keys are the fields of modeling_nanochat.sft.trainer.NanoChatSFTConfig (TRL's SFTConfig plus nanochat's
 settings) and TRL's ModelConfig; any flag on the command line overrides the YAML (`--eval_steps 100`). Settings left
 at -1 are inherited from the pretraining run, as nanochat's chat_sft does.
 
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 def main(argv=None):
     from trl import ModelConfig, TrlParser
 
-    from modeling_nanochat.sft_setup import SFTSetupError, run
-    from modeling_nanochat.sft_trainer import NanoChatSFTConfig
+    from modeling_nanochat.sft.setup import SFTSetupError, run
+    from modeling_nanochat.sft.trainer import NanoChatSFTConfig
 
     args, model_args = TrlParser((NanoChatSFTConfig, ModelConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO if args.process_index == 0 else logging.WARNING,

@@ -11,7 +11,7 @@
 # command carries on: pretraining resumes from its last checkpoint (bit-exact), the other stages start over.
 #
 # Presets (--preset or $PRESET):
-#   tiny  d4, vocab 1,024, synthetic data made here (modeling_nanochat/synthetic.py), SFT + RL, CPU, fp32
+#   tiny  d4, vocab 1,024, synthetic data made here (modeling_nanochat/data/synthetic.py), SFT + RL, CPU, fp32
 #   cpu   nanochat's runcpu.sh: d6, head_dim 64, T=512, 5,000 steps on 8 ClimbMix shards (needs the Hub)
 #   d12   GPU, ratio 12, 40 shards          d20   GPU, ratio 12, 240 shards
 #   d24   GPU, nanochat's speedrun: ratio 8, device batch 16, fp8 where supported, 170 shards
@@ -128,14 +128,14 @@ stage() {
 # -- data and tokenizer ------------------------------------------------------------------------------------------
 if [ "$PRESET" = tiny ]; then
   DATA=$RUN_DIR/data/pretrain
-  stage data $PY -m modeling_nanochat.synthetic --output-dir "$RUN_DIR/data"
+  stage data $PY -m modeling_nanochat.data.synthetic --output-dir "$RUN_DIR/data"
 else
   DATA=climbmix
-  stage data $PY -m modeling_nanochat.pretrain_data --data climbmix -n "$NUM_SHARDS"
+  stage data $PY -m modeling_nanochat.data.loader --data climbmix -n "$NUM_SHARDS"
 fi
 TOK_DATA=$DATA  # the tokenizer reads the downloaded shards in name order (train before val) up to its 2B chars
 if [ "$DATA" = climbmix ]; then
-  TOK_DATA=$($PY -c "from modeling_nanochat.pretrain_sources import default_cache_dir; print(default_cache_dir('climbmix'))")
+  TOK_DATA=$($PY -c "from modeling_nanochat.data.sources import default_cache_dir; print(default_cache_dir('climbmix'))")
 fi
 TOK_TEXT=""  # the compression report's texts: nanochat's defaults, or the synthetic world's own
 if [ "$PRESET" = tiny ]; then TOK_TEXT="--text synthetic=$RUN_DIR/data/sample.txt"; fi
@@ -204,8 +204,8 @@ if [ "$RUN_RL" = 1 ]; then
 fi
 
 # -- the report card (always rebuilt: it only reads what the stages wrote) -------------------------------------------
-$PY -m modeling_nanochat.speedrun_report "$RUN_DIR"
+$PY -m modeling_nanochat.apps.report_card "$RUN_DIR"
 CHAT_MODEL=$RUN_DIR/sft; [ "$RUN_RL" = 1 ] && CHAT_MODEL=$RUN_DIR/rl
-echo "speedrun done: $RUN_DIR/report.md | chat with it: python -m modeling_nanochat.chat $CHAT_MODEL | python app.py --model $CHAT_MODEL"
+echo "speedrun done: $RUN_DIR/report.md | chat with it: python -m modeling_nanochat.apps.chat $CHAT_MODEL | python app.py --model $CHAT_MODEL"
 exit 0
 }

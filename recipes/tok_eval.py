@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling_nanochat.tokenization import encode_ordinary, load_tokenizer  # noqa: E402
+from modeling_nanochat.tokenizer.tokenizer import encode_ordinary, load_tokenizer  # noqa: E402
 
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text_sample.txt"
 MIXED_TEXT = (

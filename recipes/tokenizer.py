@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from modeling_nanochat.tokenization import (  # noqa: E402
+from modeling_nanochat.tokenizer.tokenizer import (  # noqa: E402
     convert_nanochat_tokenizer,
     encode_ordinary,
     iter_training_texts,

@@ -12,7 +12,7 @@ import urllib.request
 import torch
 from conftest import FIXTURES, REPO, perturbed_model, tiny_config
 
-from modeling_nanochat.tokenization import convert_nanochat_tokenizer, save_tokenizer
+from modeling_nanochat.tokenizer.tokenizer import convert_nanochat_tokenizer, save_tokenizer
 
 TIMEOUT = 120  # seconds for a server to come up (imports are slow on a busy 2-core machine)
 

@@ -1,4 +1,4 @@
-"""Started by tests/test_accelerate_configs.py under `accelerate launch`: prints what Accelerate and
+"""Started by tests/recipes/test_accelerate_configs.py under `accelerate launch`: prints what Accelerate and
 torch.distributed see, and whether DDP synced a gradient computed from rank-dependent data."""
 
 import json

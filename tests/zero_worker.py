@@ -1,6 +1,6 @@
-"""One DeepSpeed run for tests/test_zero.py, started by `accelerate launch` on 2 CPU processes.
+"""One DeepSpeed run for tests/optim/test_zero.py, started by `accelerate launch` on 2 CPU processes.
 
-Builds the tiny NanoChatForCausalLM, prepares it with `modeling_nanochat.zero.configure_deepspeed`, then records
+Builds the tiny NanoChatForCausalLM, prepares it with `modeling_nanochat.optim.zero.configure_deepspeed`, then records
 what the live DeepSpeed optimizer holds (which parameter is in which group, with which lr/betas/wd/momentum),
 trains a few steps, checks that the per-group lr and the Muon momentum set each step really reach the update,
 and saves an HF checkpoint plus independently gathered weights. Writes ``rank{r}.json`` into --out; the parent

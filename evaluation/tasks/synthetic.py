@@ -1,4 +1,4 @@
-"""synth-chat: questions about the synthetic world (modeling_nanochat/synthetic.py) answered in free text.
+"""synth-chat: questions about the synthetic world (modeling_nanochat/data/synthetic.py) answered in free text.
 
 Not part of ChatCORE: it exists so the offline speedrun can show what chat SFT teaches a tiny model. Rows are
 ``{"question", "answer", "keyword"}`` (``answer`` is a reference reply, used as the SFT target elsewhere);
@@ -21,13 +21,13 @@ class SynthChat(ChatTask):
     name, title = "synth_chat", "synth-chat"
     eval_type = "generative"
     baseline = 0.0
-    source = HubSource("(none: python -m modeling_nanochat.synthetic writes it)", "synth_chat", "test")
+    source = HubSource("(none: python -m modeling_nanochat.data.synthetic writes it)", "synth_chat", "test")
     columns = ("question", "answer", "keyword")
 
     def __init__(self, data=None, source=None):
         if data is None:
             raise ValueError("synth_chat has no Hub copy: pass --data DIR holding synth_chat.jsonl (written by "
-                             "python -m modeling_nanochat.synthetic --output-dir DIR, under DIR/chat_eval)")
+                             "python -m modeling_nanochat.data.synthetic --output-dir DIR, under DIR/chat_eval)")
         super().__init__(data, source)
 
     def conversation(self, row: dict) -> dict:

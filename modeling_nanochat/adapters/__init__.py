@@ -1,0 +1,1 @@
+"""PEFT adapters (LoRA) on our model and their merged export."""

@@ -1,0 +1,1 @@
+"""What users run on top: chat CLI, app backend, serve, publish, the report card."""

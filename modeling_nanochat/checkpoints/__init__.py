@@ -1,0 +1,1 @@
+"""Checkpoints on disk: conversion, training state, model directories."""

@@ -1,0 +1,96 @@
+"""Training checkpoints: an HF model directory plus the state needed to continue the run exactly.
+
+    <output-dir>/checkpoint-<step>/
+        config.json, model.safetensors, configuration/modeling_nanochat.py, generation_config.json   (save_pretrained)
+        tokenizer.json, tokenizer_config.json, token_bytes.pt                                           (save_tokenizer)
+        training_state/
+            trainer_state.json   step, loop state (EMA loss, best val bpb, training time), plan, args, world size
+            optimizer.pt         the optimizer's world-size-independent state (MuonAdamW.state_dict() gathers shards)
+            deepspeed/           instead of optimizer.pt under DeepSpeed: its per-rank fp32 masters and optimizer
+            dataloader.pt        every rank's exact loader state (file, row group, cursor, packing buffer)
+
+Each checkpoint directory is built under a temporary name and renamed into place when complete (`atomic_dir`), so
+`checkpoint-*` directories are always whole: a run killed while saving leaves the previous checkpoint as the last
+good one. Any `checkpoint-<step>` directory loads with `from_pretrained` like a final model.
+
+Why not Accelerate's `save_state`: it keeps only rank 0's optimizer, which silently corrupts a sharded optimizer
+state on resume, and it does not know our data loader's packing buffer. Model weights still go through
+`save_pretrained` (safetensors) so every checkpoint is a normal HF model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from modeling_nanochat.utils.io import atomic_dir
+
+STATE_DIR = "training_state"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_path(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, f"checkpoint-{step}")
+
+
+def save_checkpoint(path: str, *, model, tokenizer, optimizer_state: dict, loader_states: list,
+                    trainer_state: dict) -> str:
+    """Write one complete checkpoint directory atomically (call on the main process only)."""
+    from modeling_nanochat.tokenizer.tokenizer import save_tokenizer
+
+    with atomic_dir(path, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
+        state_dir = os.path.join(tmp, STATE_DIR)
+        os.makedirs(state_dir)
+        torch.save(optimizer_state, os.path.join(state_dir, "optimizer.pt"))
+        torch.save({"world_size": len(loader_states), "ranks": loader_states}, os.path.join(state_dir, "dataloader.pt"))
+        with open(os.path.join(state_dir, "trainer_state.json"), "w") as f:
+            json.dump(trainer_state, f, indent=2)
+    return path
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under `output_dir`, oldest first."""
+    found = []
+    for entry in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        m = _CKPT.match(entry)
+        path = os.path.join(output_dir, entry)
+        if m and os.path.isfile(os.path.join(path, STATE_DIR, "trainer_state.json")):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def load_training_state(path: str) -> tuple[dict, dict, list]:
+    """(trainer_state, optimizer_state, per-rank loader states) of a checkpoint directory."""
+    state_dir = os.path.join(path, STATE_DIR)
+    try:
+        with open(os.path.join(state_dir, "trainer_state.json")) as f:
+            trainer_state = json.load(f)
+        opt_path = os.path.join(state_dir, "optimizer.pt")  # absent under DeepSpeed (its own shards instead)
+        optimizer_state = torch.load(opt_path, map_location="cpu", weights_only=False) if os.path.exists(opt_path) else None
+        loaders = torch.load(os.path.join(state_dir, "dataloader.pt"), map_location="cpu", weights_only=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {path} is unreadable ({e}); remove it to resume from the one before") from e
+    return trainer_state, optimizer_state, loaders["ranks"]
+
+
+def prune_checkpoints(output_dir: str, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (<= 0 keeps everything)."""
+    if keep_last <= 0:
+        return
+    for _, path in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+__all__ = ["save_checkpoint", "list_checkpoints", "latest_checkpoint", "load_training_state", "prune_checkpoints",
+           "checkpoint_path", "STATE_DIR"]

@@ -1,0 +1,1 @@
+"""Pretraining data: sources, the BOS-aligned loader, the synthetic world."""

@@ -1,0 +1,1 @@
+"""Generation beyond generate(): the calculator tool and the tool-use engine."""

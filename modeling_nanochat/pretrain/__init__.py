@@ -1,0 +1,1 @@
+"""Stage: pretraining (Accelerate or DeepSpeed), sweeps and the run report."""

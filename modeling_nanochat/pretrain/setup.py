@@ -1,0 +1,221 @@
+"""Assemble a pretraining run from `recipes/pretrain.py`'s flags: Accelerate, tokenizer, config, plan, model,
+optimizer, data loaders, output directory, trackers; then hand over to `pretraining.Pretrainer`.
+
+Every check that can fail (flags, output dir, batch arithmetic, data, tokenizer) runs before the model is built, so
+a bad combination costs seconds, not a GPU allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from modeling_nanochat.utils.distributed import rank_world, world_size
+from modeling_nanochat.pretrain.trainer import Pretrainer, RunError, prepare_output_dir
+from modeling_nanochat.optim.scaling import PlanError, plan_training
+
+
+def _fail(message: str, is_main: bool = True) -> None:
+    if is_main:
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    if args.dtype == "bfloat16" or (args.dtype == "auto" and cuda):
+        mixed = "bf16"
+    else:
+        mixed = "no"
+    multi = world_size() > 1
+    kwargs = [InitProcessGroupKwargs(backend="gloo")] if multi and not cuda else []  # DeepSpeed on CPU needs it named
+    log_with = None if args.report_to == "none" else args.report_to
+    try:
+        return Accelerator(mixed_precision=mixed, log_with=log_with, kwargs_handlers=kwargs,
+                           project_dir=args.output_dir)
+    except (ImportError, ValueError) as e:
+        hint = f"; --report-to {args.report_to} needs its package (pip install {args.report_to})" if log_with else ""
+        raise RunError(f"could not set up Accelerate ({e}){hint}") from e
+
+
+def _broadcast_parameters(model) -> None:
+    """Same seed gives the same init on every rank already; this makes it certain (and costs one collective)."""
+    import torch.distributed as dist
+    if rank_world()[1] > 1:
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+
+
+def _apply_fp8(model, device) -> None:
+    """nanochat's --fp8: tensorwise-scaled fp8 matmuls for every Linear with both dims divisible by 16 and >= 128."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise RunError("--fp8 needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper or newer)")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise RunError("--fp8 uses torchao's float8 training: pip install torchao") from e
+
+    def keep(mod, fqn):
+        return (isinstance(mod, torch.nn.Linear) and mod.in_features % 16 == 0 and mod.out_features % 16 == 0
+                and min(mod.in_features, mod.out_features) >= 128)
+
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("tensorwise"),
+                               module_filter_fn=keep)
+
+
+def run(args):
+    from modeling_nanochat.configuration_nanochat import NanoChatConfig
+
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would break up our progress bar
+    args.output_dir = args.output_dir or os.path.join("runs", f"d{args.depth}")
+    try:
+        acc = _accelerator(args)
+    except RunError as e:
+        _fail(str(e))
+    rank, world = rank_world()  # not Accelerate's counters: they can say 1 under DeepSpeed on CPU
+    is_main = rank == 0
+    deepspeed = acc.distributed_type.name == "DEEPSPEED"
+    if deepspeed and args.optimizer == "muonadamw":
+        args.optimizer = "muon"  # nanochat's optimizer shards itself and cannot live inside ZeRO; DeepSpeed's Muon can
+    if not deepspeed and args.optimizer != "muonadamw":
+        _fail(f"--optimizer {args.optimizer} is the DeepSpeed path; launch with a DeepSpeed accelerate config "
+              "(accelerate_configs/zero2_8gpu.yaml) or use --optimizer muonadamw", is_main)
+
+    try:
+        resume_ckpt = None if args.print_plan else prepare_output_dir(
+            args.output_dir, resume=args.resume, overwrite=args.overwrite, is_main=is_main)
+        tokenizer, token_bytes = _load_tokenizer(args, resume_ckpt)
+        config = NanoChatConfig(
+            depth=args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+            max_position_embeddings=args.max_seq_len, window_pattern=args.window_pattern, vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|bos|>"),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|assistant_end|>"),
+            pad_token_id=tokenizer.convert_tokens_to_ids("<|bos|>"))
+        plan = plan_training(
+            config, world_size=world, device_batch_size=args.device_batch_size,
+            target_param_data_ratio=args.target_param_data_ratio, total_batch_size=args.total_batch_size,
+            num_iterations=args.num_iterations, target_flops=args.target_flops, embedding_lr=args.embedding_lr,
+            unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
+            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, warmdown_ratio=args.warmdown_ratio,
+            final_lr_frac=args.final_lr_frac)
+    except (RunError, PlanError, ValueError) as e:
+        _fail(str(e), is_main)
+
+    if args.print_plan:
+        if is_main:
+            print(json.dumps(plan.to_dict(), indent=2))
+        return plan
+    if args.core_every > 0:
+        args.core_bundle = _core_bundle(args, acc, is_main)
+
+    from modeling_nanochat.data.loader import PretrainLoader, resolve_data
+    try:
+        with acc.main_process_first():  # the main process downloads, the others then find the files
+            source = resolve_data(args.data, num_shards=args.num_shards)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e), is_main)
+
+    def loader(split):
+        return PretrainLoader(source, tokenizer, batch_size=args.device_batch_size, seq_len=args.max_seq_len,
+                              split=split, rank=rank, world_size=world)
+
+    from modeling_nanochat.modeling_nanochat import NanoChatForCausalLM
+    if deepspeed and (args.fp8 or args.compile):
+        _fail("--fp8/--compile are for the MuonAdamW path; DeepSpeed has its own settings for these", is_main)
+    torch.manual_seed(args.seed)
+    # _from_config: under ZeRO-3 with zero3_init_flag, transformers builds the model inside deepspeed.zero.Init
+    model = NanoChatForCausalLM._from_config(config)
+    if not deepspeed:  # DeepSpeed moves and broadcasts the (possibly partitioned) parameters itself
+        model.to(acc.device)
+        _broadcast_parameters(model)
+    if args.fp8:
+        try:
+            _apply_fp8(model, acc.device)
+        except RunError as e:
+            _fail(str(e), is_main)
+
+    groups_kw = dict(unembedding_lr=plan.unembedding_lr, embedding_lr=plan.embedding_lr, matrix_lr=plan.matrix_lr,
+                     scalar_lr=plan.scalar_lr, weight_decay=plan.weight_decay)
+    engine = None
+    if deepspeed:
+        from modeling_nanochat.optim.zero import prepare_deepspeed
+        engine, optimizer = prepare_deepspeed(acc, model, plan, optimizer=args.optimizer, **groups_kw)
+        train_model = engine
+    else:
+        from modeling_nanochat.optim.muon_adamw import MuonAdamW, build_param_groups
+        bf16 = acc.mixed_precision == "bf16"
+        compile_opt = args.compile_optimizer == "on" or (args.compile_optimizer == "auto" and
+                                                          (args.compile or acc.device.type == "cuda"))
+        optimizer = MuonAdamW(build_param_groups(model, **groups_kw), muon_compute_dtype=torch.bfloat16 if bf16 else None,
+                              compile=compile_opt)
+        train_model = torch.compile(model, dynamic=False) if args.compile else model
+
+    run_config = {"world_size": world, "distributed_type": acc.distributed_type.name, "mixed_precision":
+                  acc.mixed_precision, "optimizer": args.optimizer, "device": str(acc.device), "args": vars(args),
+                  "resumed_from": resume_ckpt}
+    trainer = Pretrainer(accelerator=acc, model=model, tokenizer=tokenizer, optimizer=optimizer, plan=plan,
+                         train_loader=loader("train"), make_val_loader=lambda: loader("val"), token_bytes=token_bytes,
+                         args=args, train_model=train_model, deepspeed_engine=engine, run_config=run_config)
+    if resume_ckpt:
+        try:
+            trainer.resume_from(resume_ckpt)
+        except RunError as e:
+            _fail(str(e), is_main)
+    if is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "run_config.json"), "w") as f:
+            json.dump({**run_config, "plan": plan.to_dict()}, f, indent=2, default=str)
+        _print_header(plan, run_config, resume_ckpt)
+    acc.init_trackers(args.run_name or os.path.basename(os.path.abspath(args.output_dir)),
+                      config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    return trainer.run()
+
+
+def _load_tokenizer(args, resume_ckpt):
+    from modeling_nanochat.tokenizer.tokenizer import load_tokenizer, token_bytes_of
+    tok_dir = resume_ckpt or args.tokenizer
+    if not tok_dir:
+        raise RunError("--tokenizer DIR is required: train one with `python recipes/tokenizer.py --data ... "
+                       "--output-dir DIR` (or convert nanochat's with --convert)")
+    if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        raise RunError(f"{tok_dir} has no tokenizer.json; give the output dir of recipes/tokenizer.py")
+    tokenizer = load_tokenizer(tok_dir)
+    if tokenizer.convert_tokens_to_ids("<|bos|>") is None or "<|bos|>" not in tokenizer.get_vocab():
+        raise RunError(f"{tok_dir} is not a nanochat tokenizer (no <|bos|> token)")
+    return tokenizer, token_bytes_of(tok_dir, tokenizer)
+
+
+def _core_bundle(args, acc, is_main):
+    try:
+        from evaluation.core_bundle import ensure_bundle, load_bundle
+        with acc.main_process_first():  # the main process downloads it once
+            bundle = ensure_bundle(args.core_bundle)
+        load_bundle(bundle)  # a corrupt bundle fails now, not after hours of training
+        return str(bundle)
+    except (OSError, ValueError, ImportError) as e:
+        _fail(f"CORE evaluation (--core-every {args.core_every}) needs its eval bundle: {e}. Pass --core-bundle DIR, "
+              "or --core-every -1 to train without it", is_main)
+
+
+def _print_header(plan, run_config, resume_ckpt):
+    c = plan.param_counts
+    lines = [
+        f"world size {plan.world_size} ({run_config['distributed_type']}, {run_config['mixed_precision']}) | "
+        f"optimizer {run_config['optimizer']}",
+        f"params {c['total']:,} (scaling {plan.num_scaling_params:,}) | FLOPs/token {plan.flops_per_token:.3e}",
+        f"batch {plan.total_batch_size:,} tokens = {plan.device_batch_size} x {plan.max_seq_len} x "
+        f"{plan.world_size} x {plan.grad_accum_steps} accum | {plan.num_iterations:,} steps ({plan.horizon_source})"
+        f" = {plan.total_tokens:,} tokens, {plan.flops_per_token * plan.total_tokens:.2e} FLOPs",
+        f"LRs (x{plan.batch_lr_scale:.4f}): embedding {plan.embedding_lr:.5g} unembedding {plan.unembedding_lr:.5g} "
+        f"matrix {plan.matrix_lr:.5g} scalar {plan.scalar_lr:.5g} | Muon wd {plan.weight_decay:.5g}",
+    ]
+    if resume_ckpt:
+        lines.append(f"resuming from {resume_ckpt}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,1 @@
+"""Stage: GRPO on TRL's GRPOTrainer with the calculator, rewards chosen by name."""

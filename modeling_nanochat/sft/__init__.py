@@ -1,0 +1,1 @@
+"""Stage: chat SFT on TRL's SFTTrainer with nanochat's mixture."""

@@ -1,0 +1,1 @@
+"""The BPE tokenizer, its chat rendering and token byte lengths."""

@@ -1,0 +1,1 @@
+"""Small shared plumbing: no imports from the rest of the package."""

@@ -1,0 +1,66 @@
+"""The files a run writes and others read: `metrics.jsonl` (one JSON object per logged step) and JSON records
+(run_config.json, eval results, stage records). Pretraining, SFT and RL write metrics through `MetricsLog` (SFT and
+RL via `MetricsFileCallback` in their TRL trainers); reports, sweeps and publishing read them with `read_metrics` /
+`read_json`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from modeling_nanochat.utils.io import atomic_write
+
+
+def read_json(path):
+    """A run's JSON file (run_config.json, an eval result, ...), or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path, missing_ok: bool = False) -> list[dict]:
+    """The rows of a metrics.jsonl (pretraining, SFT, RL); [] for a missing file when missing_ok."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """`<output-dir>/metrics.jsonl`: one JSON object per line, written by the main process and flushed each line.
+    On resume, lines at or after the resumed step are dropped (they are recomputed, so nothing is duplicated)."""
+
+    def __init__(self, path, enabled, truncate_from=0):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        if os.path.exists(path):
+            keep = [row for row in read_metrics(path) if row["step"] < truncate_from]
+            atomic_write(path, "".join(json.dumps(row) + "\n" for row in keep))
+        self.f = open(path, "a")
+
+    def write(self, **record):
+        if self.enabled:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
+
+
+class MetricsFileCallback(TrainerCallback):
+    """For TRL/transformers trainers (SFT, GRPO): every log line also goes to ``<output_dir>/metrics.jsonl`` (main
+    process), as the pretraining loop writes it."""
+
+    def __init__(self, path: str):
+        self.path, self.log = path, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.log = MetricsLog(self.path, state.is_world_process_zero, truncate_from=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.log is not None and logs:
+            self.log.write(step=state.global_step, **{k: v for k, v in logs.items()
+                                                      if isinstance(v, (int, float)) and math.isfinite(v)})
