@@ -21,7 +21,7 @@ import os
 
 import gradio as gr
 
-from modeling_nanochat import chat_backend as cb
+from modeling_nanochat.apps import chat_backend as cb
 from modeling_nanochat.apps.chat import load
 
 EXAMPLES = [

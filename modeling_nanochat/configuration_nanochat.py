@@ -68,6 +68,52 @@ ARCHITECTURE_ERAS = {"2025-10": _ERA_2025_10, "2026-01": _ERA_2026_01, "2026-03-
 ARCHITECTURE_ERAS["current"] = ARCHITECTURE_ERAS["2026-03-14"]
 
 
+def _num_layers(depth, num_hidden_layers) -> int:
+    """`depth` (nanochat's name) or `num_hidden_layers` (HF's): the same number, 12 when neither is given."""
+    if depth is not None and num_hidden_layers is not None and depth != num_hidden_layers:
+        raise ValueError(f"depth={depth} and num_hidden_layers={num_hidden_layers} disagree; give one of them")
+    num_layers = num_hidden_layers if num_hidden_layers is not None else depth
+    if num_layers is None:
+        num_layers = 12
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"depth must be a positive integer, got {num_layers!r}")
+    return num_layers
+
+
+def _special_ids(vocab_size, bos_token_id, eos_token_id, pad_token_id) -> tuple:
+    """A nanochat vocabulary ends with its 9 special tokens (§4), <|bos|> first; nanochat pads with <|bos|> and
+    masks it."""
+    if bos_token_id is None:
+        bos_token_id = vocab_size - NANOCHAT_SPECIAL_TOKENS
+    if eos_token_id is None:
+        eos_token_id = vocab_size - NANOCHAT_SPECIAL_TOKENS + 4  # <|assistant_end|>
+    if pad_token_id is None:
+        pad_token_id = bos_token_id
+    return bos_token_id, eos_token_id, pad_token_id
+
+
+def _plain_rope(rope_theta, rope_parameters, rope_scaling) -> dict:
+    """The one RoPE setting nanochat has, as transformers 5 spells it, from 5.x's `rope_parameters` or 4.x's
+    `rope_theta` / `rope_scaling`."""
+    # RoPE: transformers 5 keeps the base in `rope_parameters`; 4.x reads `rope_theta`. Keep both in sync.
+    # nanochat has no RoPE scaling; a scaled type would need its own frequencies, so it is refused here rather
+    # than silently ignored (4.x spelled it `rope_scaling`).
+    if rope_scaling:
+        rope_parameters = {**(rope_parameters or {}), **rope_scaling}
+        rope_parameters.setdefault("rope_type", rope_parameters.pop("type", "default"))
+    if rope_parameters is not None and rope_theta is not None and \
+            float(rope_parameters.get("rope_theta", rope_theta)) != float(rope_theta):
+        raise ValueError(f"rope_theta={rope_theta} disagrees with rope_parameters={rope_parameters}")
+    if rope_theta is None:
+        rope_theta = (rope_parameters or {}).get("rope_theta", 100_000.0)
+    if rope_parameters is not None and rope_parameters.get("rope_type", rope_parameters.get("type", "default")) \
+            != "default":
+        raise ValueError(f"RoPE scaling is not supported (nanochat trains plain RoPE): got {rope_parameters}. "
+                         "For a longer context, fine-tune with a larger max_position_embeddings (and windows), "
+                         "or change rope_theta")
+    return {"rope_type": "default", "rope_theta": float(rope_theta)}
+
+
 class NanoChatConfig(_BaseConfig):
     r"""
     Configuration of a nanochat model. `NanoChatConfig(depth=20)` gives nanochat's d20; every derived size can also
@@ -147,14 +193,41 @@ class NanoChatConfig(_BaseConfig):
         # Keys only written for servers/readers; they are re-derived below and checked for consistency.
         for derived in ("padded_vocab_size", "backout_layer", "use_sliding_window"):
             kwargs.pop(derived, None)
-        if depth is not None and num_hidden_layers is not None and depth != num_hidden_layers:
-            raise ValueError(f"depth={depth} and num_hidden_layers={num_hidden_layers} disagree; give one of them")
-        num_layers = num_hidden_layers if num_hidden_layers is not None else depth
-        if num_layers is None:
-            num_layers = 12
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"depth must be a positive integer, got {num_layers!r}")
+        self._set_sizes(_num_layers(depth, num_hidden_layers), aspect_ratio, head_dim, hidden_size, num_attention_heads, num_key_value_heads,
+                        intermediate_size, vocab_size, pad_vocab_size_to, max_position_embeddings)
+        self._set_windows(window_pattern, short_window, long_window, layer_types, sliding_window)
+        self._set_value_embeds(value_embeds, value_embed_layers, ve_gate_channels, ve_gate_scale)
+        self.residual_lambdas = bool(residual_lambdas)
+        self.smear = bool(smear)
+        self.smear_channels = smear_channels
+        if smear and smear_channels > self.hidden_size:
+            raise ValueError(f"smear_channels={smear_channels} exceeds hidden_size={self.hidden_size}")
+        self.backout = bool(backout)
+        self.qk_norm_scale = float(qk_norm_scale)
+        self.final_logit_softcapping = final_logit_softcapping
+        self.rms_norm_eps = float(rms_norm_eps)
 
+        self.rope_parameters = _plain_rope(rope_theta, rope_parameters, kwargs.pop("rope_scaling", None))
+        self.rope_bf16_tables = bool(rope_bf16_tables)
+
+        self.hidden_act = hidden_act
+        if hidden_act != "relu2":
+            raise ValueError(f"hidden_act={hidden_act!r}: nanochat's MLP is ReLU^2 ('relu2')")
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.use_cache = use_cache
+
+        bos_token_id, eos_token_id, pad_token_id = _special_ids(vocab_size, bos_token_id, eos_token_id, pad_token_id)
+        # Every save (ours, Trainer's, TRL's) must name all three Auto classes: vLLM needs AutoModel, and a plain
+        # save_pretrained of the CausalLM would write only AutoConfig/AutoModelForCausalLM.
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+        if self.tie_word_embeddings:
+            raise ValueError("nanochat unties wte and lm_head; tie_word_embeddings must be False")
+
+    def _set_sizes(self, num_layers, aspect_ratio, head_dim, hidden_size, num_attention_heads, num_key_value_heads,
+                   intermediate_size, vocab_size, pad_vocab_size_to, max_position_embeddings):
         # --- sizes: the depth dial, unless given explicitly -------------------------------------------------
         if hidden_size is None:
             hd = head_dim if head_dim is not None else 128
@@ -188,6 +261,8 @@ class NanoChatConfig(_BaseConfig):
         self.pad_vocab_size_to = pad_vocab_size_to
         self.max_position_embeddings = max_position_embeddings
 
+    def _set_windows(self, window_pattern, short_window, long_window, layer_types, sliding_window):
+        num_layers, max_position_embeddings = self.num_hidden_layers, self.max_position_embeddings
         # --- attention windows --------------------------------------------------------------------------
         if window_pattern is not None:
             window_pattern = window_pattern.upper()
@@ -212,6 +287,8 @@ class NanoChatConfig(_BaseConfig):
             raise ValueError(f"sliding_window={sliding_window} disagrees with short_window={self.short_window} "
                              f"(HF sliding_window = short_window + 1); drop sliding_window, it is derived")
 
+    def _set_value_embeds(self, value_embeds, value_embed_layers, ve_gate_channels, ve_gate_scale):
+        num_layers, hidden_size = self.num_hidden_layers, self.hidden_size
         # --- value embeddings --------------------------------------------------------------------------------
         if not value_embeds:
             value_embed_layers = []
@@ -226,58 +303,6 @@ class NanoChatConfig(_BaseConfig):
         self.ve_gate_scale = float(ve_gate_scale)
         if value_embed_layers and ve_gate_channels > hidden_size:
             raise ValueError(f"ve_gate_channels={ve_gate_channels} exceeds hidden_size={hidden_size}")
-
-        self.residual_lambdas = bool(residual_lambdas)
-        self.smear = bool(smear)
-        self.smear_channels = smear_channels
-        if smear and smear_channels > hidden_size:
-            raise ValueError(f"smear_channels={smear_channels} exceeds hidden_size={hidden_size}")
-        self.backout = bool(backout)
-        self.qk_norm_scale = float(qk_norm_scale)
-        self.final_logit_softcapping = final_logit_softcapping
-        self.rms_norm_eps = float(rms_norm_eps)
-
-        # RoPE: transformers 5 keeps the base in `rope_parameters`; 4.x reads `rope_theta`. Keep both in sync.
-        # nanochat has no RoPE scaling; a scaled type would need its own frequencies, so it is refused here rather
-        # than silently ignored (4.x spelled it `rope_scaling`).
-        rope_scaling = kwargs.pop("rope_scaling", None)
-        if rope_scaling:
-            rope_parameters = {**(rope_parameters or {}), **rope_scaling}
-            rope_parameters.setdefault("rope_type", rope_parameters.pop("type", "default"))
-        if rope_parameters is not None and rope_theta is not None and \
-                float(rope_parameters.get("rope_theta", rope_theta)) != float(rope_theta):
-            raise ValueError(f"rope_theta={rope_theta} disagrees with rope_parameters={rope_parameters}")
-        if rope_theta is None:
-            rope_theta = (rope_parameters or {}).get("rope_theta", 100_000.0)
-        if rope_parameters is not None and rope_parameters.get("rope_type", rope_parameters.get("type", "default")) \
-                != "default":
-            raise ValueError(f"RoPE scaling is not supported (nanochat trains plain RoPE): got {rope_parameters}. "
-                             "For a longer context, fine-tune with a larger max_position_embeddings (and windows), "
-                             "or change rope_theta")
-        self.rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
-        self.rope_bf16_tables = bool(rope_bf16_tables)
-
-        self.hidden_act = hidden_act
-        if hidden_act != "relu2":
-            raise ValueError(f"hidden_act={hidden_act!r}: nanochat's MLP is ReLU^2 ('relu2')")
-        self.attention_bias = attention_bias
-        self.attention_dropout = attention_dropout
-        self.use_cache = use_cache
-
-        # Special ids: a nanochat vocabulary ends with its 9 special tokens (§4), <|bos|> first.
-        if bos_token_id is None:
-            bos_token_id = vocab_size - NANOCHAT_SPECIAL_TOKENS
-        if eos_token_id is None:
-            eos_token_id = vocab_size - NANOCHAT_SPECIAL_TOKENS + 4  # <|assistant_end|>
-        if pad_token_id is None:
-            pad_token_id = bos_token_id  # nanochat pads with <|bos|> and masks it
-        # Every save (ours, Trainer's, TRL's) must name all three Auto classes: vLLM needs AutoModel, and a plain
-        # save_pretrained of the CausalLM would write only AutoConfig/AutoModelForCausalLM.
-        kwargs.setdefault("auto_map", dict(AUTO_MAP))
-        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                         tie_word_embeddings=tie_word_embeddings, **kwargs)
-        if self.tie_word_embeddings:
-            raise ValueError("nanochat unties wte and lm_head; tie_word_embeddings must be False")
 
     # transformers 4.x reads config.rope_theta; 5.x raises on it for its own configs but ours may keep it. Servers
     # (vLLM) also set it, so it has a setter that keeps rope_parameters in step.

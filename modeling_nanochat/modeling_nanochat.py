@@ -451,6 +451,17 @@ class NanoChatPreTrainedModel(PreTrainedModel):
     _supports_static_cache = _V5_MASKS
     _can_compile_fullgraph = _V5_MASKS
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+    # The two parameter roles the module tree cannot tell; modeling_nanochat/checkpoints/architecture.py derives
+    # every other one (embeddings, head, block matrices, LoRA targets) from the modules, and the tools around the
+    # model (optimizer groups, scaling counts, LoRA, 4/8-bit loading) read these from there. Stated here, next to
+    # the parameters, so that a new one is classified where it is added:
+    # - the optimizer group (nanochat's setup_optimizer) of each parameter or module the base model owns directly,
+    #   outside the embeddings and the blocks, by attribute name;
+    _nanochat_scalar_groups = {"resid_lambdas": "resid", "x0_lambdas": "x0", "smear_gate": "smear",
+                               "smear_lambda": "smear", "backout_lambda": "smear"}
+    # - Linear layers that gate a few channels instead of transforming the residual stream: too small for LoRA
+    #   adapters or 4/8-bit quantization.
+    _nanochat_gate_modules = ("smear_gate", "ve_gate")
 
     @torch.no_grad()
     def _init_weights(self, module):

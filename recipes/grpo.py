@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 @dataclass
 class NanoChatRLArguments:
+    prompts: str = field(default="gsm8k", metadata={
+        "help": "the prompt dataset by name (modeling_nanochat/rl/prompts.py); data/eval_data point it at local files"})
     data: str | None = field(default=None, metadata={
         "help": "GSM8K train problems: a local .jsonl/.json/.parquet file or folder in openai/gsm8k's format "
                 "(question, answer); default: openai/gsm8k (main) from the Hub"})
@@ -38,6 +40,13 @@ class NanoChatRLArguments:
     calculator: bool = field(default=True, metadata={"help": "run the calculator tool during sampling"})
     shard_optimizer: bool = field(default=False, metadata={
         "help": "nanochat's sharded MuonAdamW (ZeRO-2 style state) instead of DDP's gradient all-reduce"})
+    # GRPOConfig has no reward_funcs field (TRL keeps it on its CLI's GRPOScriptArguments), so this one does not
+    # clash in TrlParser. Resolved in main() by modeling_nanochat.rl.rewards.resolve_rewards.
+    reward_funcs: list[str] = field(default_factory=lambda: ["gsm8k"], metadata={
+        "help": "reward functions, summed with GRPOConfig.reward_weights: registered names "
+                "(modeling_nanochat/rl/rewards.py) or dotted paths to your own function with TRL's reward signature "
+                "(it receives the dataset's columns, e.g. answer, and completion_text: completions decoded with "
+                "special tokens)"})
 
 
 def derive_accumulation(args, rl_args, world_size: int):
@@ -60,8 +69,9 @@ def main(rl_args, training_args, model_args):
 
     import modeling_nanochat  # noqa: F401 - registers the model type with the Auto classes
     from modeling_nanochat.generation.calculator import use_calculator
-    from modeling_nanochat.rl.trainer import NanoChatGRPOTrainer, gsm8k_prompt_dataset, rl_muon_setup
-    from modeling_nanochat.rl.rewards import gsm8k_reward
+    from modeling_nanochat.rl.prompts import prompt_dataset
+    from modeling_nanochat.rl.trainer import NanoChatGRPOTrainer, rl_muon_setup
+    from modeling_nanochat.rl.rewards import resolve_rewards
     from modeling_nanochat.utils.distributed import world_size
     from modeling_nanochat.utils.run_files import MetricsFileCallback
     from modeling_nanochat.tokenizer.tokenizer import load_tokenizer
@@ -71,17 +81,23 @@ def main(rl_args, training_args, model_args):
     if model_args.use_peft:
         raise ValueError("use_peft is not supported by this recipe: MuonAdamW's groups are nanochat's full parameters")
     training_args = derive_accumulation(training_args, rl_args, world_size())
+    # Resolve before loading anything, so a typo fails in seconds. The launch directory goes on sys.path (last, so
+    # it shadows nothing) as `trl grpo` does, so `my_rewards.score` next to your config imports.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    reward_funcs = resolve_rewards(rl_args.reward_funcs)
 
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(__import__("torch"), model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype or "auto",
                                                  trust_remote_code=training_args.trust_remote_code)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    train = gsm8k_prompt_dataset(rl_args.data, "train")
+    train = prompt_dataset(rl_args.prompts, rl_args.data, "train")
     evaluate = training_args.eval_strategy != "no"
-    eval_set = gsm8k_prompt_dataset(rl_args.eval_data, "test", limit=rl_args.eval_examples) if evaluate else None
+    eval_set = prompt_dataset(rl_args.prompts, rl_args.eval_data, "test", limit=rl_args.eval_examples) if evaluate \
+        else None
 
     trainer = NanoChatGRPOTrainer(
-        model=model, reward_funcs=[gsm8k_reward], args=training_args, train_dataset=train, eval_dataset=eval_set,
+        model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train, eval_dataset=eval_set,
         processing_class=tokenizer, calculator=use_calculator if rl_args.calculator else None,
         muon_setup=rl_muon_setup(init_lr_frac=rl_args.init_lr_frac, unembedding_lr=rl_args.unembedding_lr,
                                  embedding_lr=rl_args.embedding_lr, matrix_lr=rl_args.matrix_lr,

@@ -97,7 +97,7 @@ def write_dataset_dir(splits: dict, out_dir: str, overwrite: bool = False, info:
 
 def conversation_parts(split: str = "train", *, data_dir=None, smoltalk_epochs: int = 1, mmlu_epochs: int = 3,
                        gsm8k_epochs: int = 4, extra_jsonl=(), num_proc: int | None = None) -> list[tuple[str, object]]:
-    """(name, conversations) once per epoch in nanochat's task order: ``sft_data.mixture_parts`` itself (same
+    """(name, conversations) once per epoch in nanochat's task order: ``sft/data.py: mixture_parts`` itself (same
     sources, seed-42 source shuffles, val limits), each part a `messages` dataset instead of rendered tokens."""
     from modeling_nanochat.sft import data as sft_data
 
@@ -107,7 +107,7 @@ def conversation_parts(split: str = "train", *, data_dir=None, smoltalk_epochs: 
 
 
 def sft_mixture(split: str = "train", **kwargs):
-    """nanochat's SFT train or val mixture as one `messages` dataset, in the order of ``sft_data.SFTMixture`` (the
+    """nanochat's SFT train or val mixture as one `messages` dataset, in the order of ``sft/data.py: SFTMixture`` (the
     flattened (part, row) list shuffled by random.Random(42), nanochat's TaskMixture)."""
     from datasets import concatenate_datasets
 
@@ -126,7 +126,7 @@ def sft_mixture(split: str = "train", **kwargs):
 
 
 def grpo_splits(gsm8k=None, gsm8k_test=None, test: bool = True, test_limit: int = 400, limit: int | None = None):
-    from modeling_nanochat.rl.trainer import gsm8k_prompt_dataset
+    from modeling_nanochat.rl.prompts import gsm8k_prompt_dataset
 
     train = gsm8k_prompt_dataset(gsm8k, "train", limit=limit)
     # local train file and no test file: no test split (never reach for the Hub behind the user's back)

@@ -88,7 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from modeling_nanochat.pretrain.setup import run
-    return run(args)
+    from modeling_nanochat.pretrain.trainer import Interrupted, RunError
+    from modeling_nanochat.utils.distributed import rank_world
+
+    try:
+        return run(args)
+    except RunError as e:  # a user mistake: one line from the main process, no traceback
+        if rank_world()[0] == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as e:
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,8 @@ case "$PRESET" in
       --num-iterations 5000 --save-every 500 --keep-last 2"
     PRESET_BASE_EVAL="--device-batch-size 1 --bpb-tokens 16384 --core-max-per-task 16"
     SFT_CONFIG=recipes/sft/default.yaml; RL_CONFIG=recipes/grpo/default.yaml
-    PRESET_SFT="--max_steps 1500 --eval_steps 200 --eval_tokens 524288 --chatcore_every -1 --use_cpu true --bf16 false"
-    PRESET_RL="--use_cpu true --bf16 false" ;;
+    PRESET_SFT="--max-steps 1500 --eval-steps 200 --eval-tokens 524288 --chatcore-every -1 --use-cpu true --bf16 false"
+    PRESET_RL="--use-cpu true --bf16 false" ;;
   d12|d20|d24)
     DEPTH=${DEPTH:-${PRESET#d}}; VOCAB_SIZE=${VOCAB_SIZE:-32768}
     case "$PRESET" in
@@ -186,11 +186,11 @@ if [ "$PRESET" = tiny ]; then stage base_chat_eval chat_eval "$RUN_DIR/base" bas
 # -- chat SFT -------------------------------------------------------------------------------------------------------
 SFT_DATA=()
 if [ "$PRESET" = tiny ]; then
-  SFT_DATA=(--data_dir "$RUN_DIR/data/sft" --extra_jsonl "$RUN_DIR/data/sft/tools.jsonl:2")
+  SFT_DATA=(--data-dir "$RUN_DIR/data/sft" --extra-jsonl "$RUN_DIR/data/sft/tools.jsonl:2")
 fi
 # shellcheck disable=SC2086
-stage sft "${LAUNCH[@]}" recipes/sft.py --config "$SFT_CONFIG" --model_name_or_path "$RUN_DIR/base" \
-  --output_dir "$RUN_DIR/sft" "${SFT_DATA[@]}" ${PRESET_SFT:-} ${SFT_ARGS:-}
+stage sft "${LAUNCH[@]}" recipes/sft.py --config "$SFT_CONFIG" --model-name-or-path "$RUN_DIR/base" \
+  --output-dir "$RUN_DIR/sft" "${SFT_DATA[@]}" ${PRESET_SFT:-} ${SFT_ARGS:-}
 stage sft_eval chat_eval "$RUN_DIR/sft" sft
 
 # -- chat RL (GRPO on GSM8K; optional as in nanochat) ----------------------------------------------------------------
@@ -198,8 +198,8 @@ if [ "$RUN_RL" = 1 ]; then
   RL_DATA=()
   if [ "$PRESET" = tiny ]; then RL_DATA=(--data "$RUN_DIR/data/grpo/train.jsonl"); fi
   # shellcheck disable=SC2086
-  stage rl "${LAUNCH[@]}" recipes/grpo.py --config "$RL_CONFIG" --model_name_or_path "$RUN_DIR/sft" \
-    --output_dir "$RUN_DIR/rl" "${RL_DATA[@]}" ${PRESET_RL:-} ${RL_ARGS:-}
+  stage rl "${LAUNCH[@]}" recipes/grpo.py --config "$RL_CONFIG" --model-name-or-path "$RUN_DIR/sft" \
+    --output-dir "$RUN_DIR/rl" "${RL_DATA[@]}" ${PRESET_RL:-} ${RL_ARGS:-}
   stage rl_eval chat_eval "$RUN_DIR/rl" rl
 fi
 

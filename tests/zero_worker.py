@@ -24,7 +24,7 @@ from accelerate.utils import InitProcessGroupKwargs  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 
 from modeling_nanochat import NanoChatForCausalLM  # noqa: E402
-from modeling_nanochat import zero  # noqa: E402
+from modeling_nanochat.optim import zero  # noqa: E402
 
 GAS = 2  # micro-batches per optimizer step
 LRS = dict(unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, scalar_lr=0.5, weight_decay=0.28)

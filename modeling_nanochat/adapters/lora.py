@@ -1,7 +1,8 @@
 """LoRA / QLoRA for nanochat models through PEFT, and a merged export that loads like any other checkpoint.
 
-Which layers get adapters (``LORA_TARGET_MODULES``): the attention projections ``q_proj k_proj v_proj o_proj`` and
-the MLP's ``fc1 fc2`` of every block: the matrices that hold almost all of a block's weights. Left out on purpose:
+Which layers get adapters (``LORA_TARGET_MODULES``, derived from the model by ``checkpoints.architecture``): the
+attention projections ``q_proj k_proj v_proj o_proj`` and the MLP's ``fc1 fc2`` of every block: the matrices that
+hold almost all of a block's weights. Left out on purpose:
 
 * ``ve_gate`` (value-embedding gate, ``ve_gate_channels -> num_kv_heads``, e.g. 32x2) and ``smear_gate`` (24x1):
   a rank-16 adapter on such a matrix has more parameters than the matrix itself and adds nothing a full update
@@ -28,10 +29,16 @@ import os
 
 import torch
 
-LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
-# bitsandbytes 4/8-bit layers for the matrices LoRA adapts; the gates are tiny and the lm_head is kept in full
-# precision as transformers does by default (the list replaces that default, so lm_head is named again)
-QUANT_SKIP_MODULES = ("lm_head", "smear_gate", "ve_gate")
+from modeling_nanochat.checkpoints import architecture
+
+# Both derived from the model's module tree (checkpoints.architecture) instead of kept as lists here, so a new block
+# matrix becomes a target without an edit; the names stay for the recipes and tests that import them.
+# ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"): the Linear layers of the blocks, less the gates
+LORA_TARGET_MODULES = architecture.lora_target_modules()
+# bitsandbytes 4/8-bit layers for the matrices LoRA adapts; every other Linear layer (the gates are tiny, and the
+# lm_head is kept in full precision as transformers does by default: the list replaces that default, so lm_head is
+# named again) is skipped: ("lm_head", "smear_gate", "ve_gate")
+QUANT_SKIP_MODULES = architecture.quant_skip_modules()
 ADAPTER_CONFIG = "adapter_config.json"
 
 

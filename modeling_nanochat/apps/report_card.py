@@ -16,7 +16,9 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
+from modeling_nanochat.utils.io import atomic_write
 from modeling_nanochat.utils.plotting import pyplot
 from modeling_nanochat.utils.run_files import read_json, read_metrics
 
@@ -102,7 +104,8 @@ def chat_results(run: Path, stage: str) -> dict:
     return out
 
 
-def write_report(run_dir: str | Path) -> Path:
+def _load_run(run_dir) -> SimpleNamespace:
+    """Everything the report reads from a speedrun directory (missing files read as empty)."""
     run = Path(run_dir)
     settings = read_json(run / "speedrun.json") or {}
     preset = settings.get("preset", "?")
@@ -117,6 +120,31 @@ def write_report(run_dir: str | Path) -> Path:
     gpus = int(settings.get("gpus") or 0)
     cost_per_hour = float(settings.get("cost_per_hour") or (GPU_COST_PER_HOUR * gpus if gpus else CPU_COST_PER_HOUR))
 
+    core_runs = base_eval.get("core") or {}
+    real_core = core_runs.get("core", {}).get("core")
+    na = "n/a offline" if offline else "-"
+    return SimpleNamespace(
+        run=run,
+        settings=settings,
+        preset=preset,
+        offline=offline,
+        stages=stages,
+        base_metrics=base_metrics,
+        base_cfg=base_cfg,
+        base_eval=base_eval,
+        chats=chats,
+        sft_metrics=sft_metrics,
+        rl_metrics=rl_metrics,
+        cost_per_hour=cost_per_hour,
+        core_runs=core_runs,
+        real_core=real_core,
+        na=na,
+    )
+
+
+def _header(ctx) -> list[str]:
+    """Title, preset and environment."""
+    run, settings, preset, offline = ctx.run, ctx.settings, ctx.preset, ctx.offline
     lines = [f"# nanochat-hf speedrun report: `{run.name}`", "",
              f"Preset **{preset}** (depth {settings.get('depth', '?')}, vocab {settings.get('vocab_size', '?'):,}"
              if isinstance(settings.get("vocab_size"), int) else f"Preset **{preset}**",
@@ -129,11 +157,14 @@ def write_report(run_dir: str | Path) -> Path:
                   f"`{os.path.normpath(settings.get('shared_data', '../shared/data'))}`; the real benchmarks need downloads and read "
                   "*n/a offline*."]
     lines += ["", "## Environment", ""] + environment()
+    return lines
 
+
+def _summary(ctx) -> list[str]:
+    """The metrics table: real benchmarks, then the offline ones."""
+    settings, chats, core_runs, real_core, na = ctx.settings, ctx.chats, ctx.core_runs, ctx.real_core, ctx.na
+    lines = []
     # -- summary table -----------------------------------------------------------------------------------------
-    core_runs = base_eval.get("core") or {}
-    real_core = core_runs.get("core", {}).get("core")
-    na = "n/a offline" if offline else "-"
 
     def chat_cell(stage: str, key: str, field: str = "accuracy") -> str:
         r = chats[stage].get(key)
@@ -163,7 +194,13 @@ def write_report(run_dir: str | Path) -> Path:
         if any(key in chats[col_keys[c]] for c in columns):
             extra.append(f"| {label} | " + " | ".join(chat_cell(col_keys[c], key) for c in columns) + " |")
     lines += ["", "## Summary", ""] + table + extra
+    return lines
 
+
+def _learning_checks(ctx) -> list[str]:
+    """Does the model learn at every stage (what the tiny run has to show)?"""
+    run, offline, base_metrics, chats = ctx.run, ctx.offline, ctx.base_metrics, ctx.chats
+    lines = []
     # what the tiny run has to show: the model learns at every stage
     checks = []
     val = [r for r in base_metrics if "val_bpb" in r]
@@ -187,7 +224,13 @@ def write_report(run_dir: str | Path) -> Path:
         manifest = read_json(run / "data" / "manifest.json")
         lines += ["", "Synthetic tasks (seed {}, items held out from every training set):".format(manifest["seed"]), ""]
         lines += [f"- `{name}`: {text}" for name, text in manifest["tasks"].items()]
+    return lines
 
+
+def _stages_section(ctx) -> list[str]:
+    """Wall time and cost per stage."""
+    stages, cost_per_hour = ctx.stages, ctx.cost_per_hour
+    lines = []
     # -- stages, time and cost ---------------------------------------------------------------------------------------
     lines += ["", "## Stages", "", "| stage | wall time | attempts | est. cost |", "|---|---:|---:|---:|"]
     total = 0.0
@@ -201,7 +244,13 @@ def write_report(run_dir: str | Path) -> Path:
     lines.append(f"| **total** | **{_duration(total)}** | | **{_dollars(total / 3600 * cost_per_hour)}** |")
     lines += ["", f"Cost at ${cost_per_hour:.2f}/hour for this machine (COST_PER_HOUR). A resumed stage's time is its "
               "last attempt's."]
+    return lines
 
+
+def _tokenizer_section(ctx) -> list[str]:
+    """Compression of the trained tokenizer."""
+    run = ctx.run
+    lines = []
     # -- tokenizer -------------------------------------------------------------------------------------------------------
     tok = read_json(run / "tokenizer" / "tok_eval.json")
     if tok:
@@ -209,7 +258,14 @@ def write_report(run_dir: str | Path) -> Path:
         for name, texts in tok.items():
             for text, r in texts.items():
                 lines.append(f"| {name} | {text} | {r['bytes']:,} | {r['tokens']:,} | {r['ratio']:.3f} |")
+    return lines
 
+
+def _base_model(ctx) -> list[str]:
+    """Pretraining: its summary, bpb, CORE per task, samples, plan."""
+    run, offline, base_metrics, base_cfg = ctx.run, ctx.offline, ctx.base_metrics, ctx.base_cfg
+    base_eval, core_runs, real_core = ctx.base_eval, ctx.core_runs, ctx.real_core
+    lines = []
     # -- base model ------------------------------------------------------------------------------------------------------
     if base_cfg or base_eval or base_metrics:
         plan = base_cfg.get("plan", {})
@@ -241,7 +297,13 @@ def write_report(run_dir: str | Path) -> Path:
         if plan:
             lines += ["", f"Plan: {plan.get('num_iterations', '?'):,} steps x {plan.get('total_batch_size', 0):,} "
                       f"tokens, {plan.get('total_flops', 0):.3e} FLOPs."]
+    return lines
 
+
+def _chat_stages(ctx) -> list[str]:
+    """SFT and RL: losses, rewards, chat evals."""
+    chats, sft_metrics, rl_metrics = ctx.chats, ctx.sft_metrics, ctx.rl_metrics
+    lines = []
     # -- chat stages -----------------------------------------------------------------------------------------------------
     for stage, title, metrics in (("sft", "Chat SFT", sft_metrics), ("rl", "Chat RL (GRPO)", rl_metrics)):
         if not metrics and not chats[stage]:
@@ -264,16 +326,24 @@ def write_report(run_dir: str | Path) -> Path:
             for name, r in chats[stage].items():
                 if "passed" in r:
                     lines.append(f"| {name} | {r['accuracy']:.4f} | {r['passed']}/{r['total']} |")
+    return lines
 
+
+def write_report(run_dir: str | Path) -> Path:
+    """`report.md` (and `report/curves.png`) of a speedrun directory, section by section."""
+    ctx = _load_run(run_dir)
+    lines = (_header(ctx) + _summary(ctx) + _learning_checks(ctx) + _stages_section(ctx) + _tokenizer_section(ctx)
+             + _base_model(ctx) + _chat_stages(ctx))
+    run, base_metrics, sft_metrics, rl_metrics = ctx.run, ctx.base_metrics, ctx.sft_metrics, ctx.rl_metrics
     plot = plot_curves(run, base_metrics, sft_metrics, rl_metrics)
     if plot:
         lines += ["", "## Curves", "", f"![training curves]({plot.relative_to(run)})"]
     lines += ["", "---", "Made by `python -m modeling_nanochat.apps.report_card` from the files of the run directory."]
     out = run / "report.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    atomic_write(out, "\n".join(lines) + "\n")
     return out
+
+
 
 
 def plot_curves(run: Path, base: list[dict], sft: list[dict], rl: list[dict]) -> Path | None:

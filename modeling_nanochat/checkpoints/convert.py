@@ -19,27 +19,14 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+from modeling_nanochat.checkpoints.architecture import NANOCHAT_KEY_TEMPLATES
 from modeling_nanochat.configuration_nanochat import ARCHITECTURE_ERAS, NanoChatConfig
 from modeling_nanochat.utils.io import OutputExistsError, atomic_dir
 
-# nanochat key <-> our key; {i} is a layer index. transformers' own `nanochat` already uses our names.
-KEY_TEMPLATES = [
-    ("transformer.wte.weight", "model.embed_tokens.weight"),
-    ("lm_head.weight", "lm_head.weight"),
-    ("transformer.h.{i}.attn.c_q.weight", "model.layers.{i}.self_attn.q_proj.weight"),
-    ("transformer.h.{i}.attn.c_k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
-    ("transformer.h.{i}.attn.c_v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
-    ("transformer.h.{i}.attn.c_proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
-    ("transformer.h.{i}.attn.ve_gate.weight", "model.layers.{i}.self_attn.ve_gate.weight"),
-    ("transformer.h.{i}.mlp.c_fc.weight", "model.layers.{i}.mlp.fc1.weight"),
-    ("transformer.h.{i}.mlp.c_proj.weight", "model.layers.{i}.mlp.fc2.weight"),
-    ("value_embeds.{i}.weight", "model.value_embeds.{i}.weight"),
-    ("resid_lambdas", "model.resid_lambdas"),
-    ("x0_lambdas", "model.x0_lambdas"),
-    ("smear_lambda", "model.smear_lambda"),
-    ("backout_lambda", "model.backout_lambda"),
-    ("smear_gate.weight", "model.smear_gate.weight"),
-]
+# nanochat key <-> our key; {i} is a layer index. nanochat's names are an external format, so they cannot be derived
+# from our model: they are stated once, with the other architecture facts, in checkpoints.architecture (whose test
+# checks that their side covers every parameter of ours in every era).
+KEY_TEMPLATES = NANOCHAT_KEY_TEMPLATES
 
 
 def _rules(reverse=False):
@@ -104,6 +91,8 @@ def _latest_step(src):
 
 def infer_era(state):
     """The architecture era from the keys (see ARCHITECTURE_ERAS); raises when the keys cannot tell."""
+    # reads nanochat's own key names (an external format, see NANOCHAT_KEY_TEMPLATES in checkpoints.architecture),
+    # so the markers stay stated here: smear from 2026-03-14, lambdas from 2026-01, 12-channel gates from 2026-03-09
     if "smear_gate.weight" in state:
         return "2026-03-14"
     if "resid_lambdas" not in state:

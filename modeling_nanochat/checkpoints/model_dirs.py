@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
+
+from modeling_nanochat.checkpoints.training_state import CHECKPOINT_NAME
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _SKIP = ("training_state",)  # optimizer/loader state inside checkpoints, never a model
 
 
@@ -40,7 +40,7 @@ def newest_model(runs_dir: str | os.PathLike = "runs") -> str | None:
     """The final model of the most recently written run under `runs_dir`, else that run's highest checkpoint."""
     runs: dict[Path, list[Path]] = {}
     for d in _model_dirs(Path(runs_dir), depth=3):
-        run = d.parent if _CHECKPOINT.match(d.name) else d
+        run = d.parent if CHECKPOINT_NAME.match(d.name) else d
         runs.setdefault(run, []).append(d)
     if not runs:
         return None
@@ -51,7 +51,7 @@ def newest_model(runs_dir: str | os.PathLike = "runs") -> str | None:
     run = max(runs, key=lambda r: max(written(d) for d in runs[r]))
     if run in runs[run]:
         return str(run)
-    return str(max(runs[run], key=lambda d: int(_CHECKPOINT.match(d.name).group(1))))
+    return str(max(runs[run], key=lambda d: int(CHECKPOINT_NAME.match(d.name).group(1))))
 
 
 def resolve_model(model: str | None, runs_dir: str | os.PathLike = "runs") -> str:

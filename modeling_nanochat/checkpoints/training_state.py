@@ -30,7 +30,7 @@ import torch
 from modeling_nanochat.utils.io import atomic_dir
 
 STATE_DIR = "training_state"
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # checkpoint-<step>: ours, and Trainer's
 
 
 def checkpoint_path(output_dir: str, step: int) -> str:
@@ -38,8 +38,9 @@ def checkpoint_path(output_dir: str, step: int) -> str:
 
 
 def save_checkpoint(path: str, *, model, tokenizer, optimizer_state: dict, loader_states: list,
-                    trainer_state: dict) -> str:
-    """Write one complete checkpoint directory atomically (call on the main process only)."""
+                    trainer_state: dict, handover=None) -> str:
+    """Write one complete checkpoint directory atomically (call on the main process only); `handover` (a
+    checkpoints.handover.PretrainHandover) is what the chat stages inherit."""
     from modeling_nanochat.tokenizer.tokenizer import save_tokenizer
 
     with atomic_dir(path, overwrite=True) as tmp:
@@ -51,6 +52,8 @@ def save_checkpoint(path: str, *, model, tokenizer, optimizer_state: dict, loade
         torch.save({"world_size": len(loader_states), "ranks": loader_states}, os.path.join(state_dir, "dataloader.pt"))
         with open(os.path.join(state_dir, "trainer_state.json"), "w") as f:
             json.dump(trainer_state, f, indent=2)
+        if handover is not None:
+            handover.save(state_dir)
     return path
 
 
@@ -58,7 +61,7 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """Complete checkpoints under `output_dir`, oldest first."""
     found = []
     for entry in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        m = _CKPT.match(entry)
+        m = CHECKPOINT_NAME.match(entry)
         path = os.path.join(output_dir, entry)
         if m and os.path.isfile(os.path.join(path, STATE_DIR, "trainer_state.json")):
             found.append((int(m.group(1)), path))

@@ -16,7 +16,7 @@ The optimizer averages gradients itself, ZeRO-2 style, exactly like nanochat: **
 model in DDP** (that would average twice and waste the communication). Each rank runs forward/backward
 on its own micro-batches with a plain (unwrapped) model, then calls ``step()`` on every rank (where the gradients
 are already averaged, e.g. by DDP inside a transformers Trainer, pass ``distributed=False``: every rank then runs
-the single-process path on them; see trl_optim.py):
+the single-process path on them; see optim/trainer_mixin.py):
 
 * AdamW params with < 1024 elements: gradient all-reduce (mean), every rank updates the whole tensor.
 * larger AdamW params: reduce-scatter (mean) along dim 0, each rank updates and keeps state only for
@@ -53,6 +53,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# which parameter is which (embeddings, head, scalars by group, block matrices) is derived from the model in one
+# place, checkpoints.architecture, rather than by name patterns kept here
+from modeling_nanochat.checkpoints.architecture import BLOCK, EMBEDDING, parameter_role
 from modeling_nanochat.utils.distributed import rank_world
 
 # Polar Express coefficients (a, b, c) for 5 iterations (Amsel et al. 2025, arXiv:2505.16932), as used by nanochat.
@@ -516,17 +519,6 @@ class MuonAdamW(torch.optim.Optimizer):
 # wrappers that prefix parameter names: torch.compile, DDP / Accelerate
 _WRAPPER_PREFIX = re.compile(r"^(?:_orig_mod\.|module\.)+")
 
-# (group name, pattern on the unwrapped parameter name); the optional "model." is the base-model prefix
-_ADAMW_RULES = (
-    ("lm_head", re.compile(r"^lm_head\.weight$")),
-    ("embedding", re.compile(r"^(?:model\.)?embed_tokens\.weight$")),
-    ("value_embeds", re.compile(r"^(?:model\.)?value_embeds\.\d+\.weight$")),
-    ("resid", re.compile(r"^(?:model\.)?resid_lambdas$")),
-    ("x0", re.compile(r"^(?:model\.)?x0_lambdas$")),
-    ("smear", re.compile(r"^(?:model\.)?(?:smear_gate\.weight|smear_lambda|backout_lambda)$")),
-)
-_BLOCK = re.compile(r"^(?:model\.)?layers\.\d+\.")
-
 
 def build_param_groups(model: torch.nn.Module, *, unembedding_lr: float = 0.004, embedding_lr: float = 0.2,
                        matrix_lr: float = 0.02, scalar_lr: float = 0.5, weight_decay: float = 0.0,
@@ -541,25 +533,11 @@ def build_param_groups(model: torch.nn.Module, *, unembedding_lr: float = 0.004,
     """
     named = [(_WRAPPER_PREFIX.sub("", n), p) for n, p in model.named_parameters() if p.requires_grad]
     if model_dim is None:
-        emb = [p for n, p in named if _ADAMW_RULES[1][1].match(n)]
+        emb = [p for n, p in named if parameter_role(n) == EMBEDDING]
         if not emb:
             raise ValueError("model_dim not given and no embed_tokens.weight to read it from")
         model_dim = emb[0].shape[1]
     dmodel_scale = (model_dim / 768) ** -0.5  # AdamW LRs were tuned at d=768
-
-    adamw = {name: [] for name, _ in _ADAMW_RULES}
-    matrices, unplaced = [], []
-    for n, p in named:
-        rule = next((name for name, pat in _ADAMW_RULES if pat.match(n)), None)
-        if rule is not None:
-            adamw[rule].append(p)
-        elif _BLOCK.match(n) and p.ndim == 2:
-            matrices.append(p)
-        else:
-            unplaced.append(f"{n} {tuple(p.shape)}")
-    if unplaced:
-        raise ValueError("build_param_groups cannot place these parameters (block params must be 2-D matrices; "
-                         "others must be one of the nanochat embedding/lm_head/scalar names): " + ", ".join(unplaced))
 
     settings = {  # name: (lr, betas, weight_decay), all with eps=1e-10 as in nanochat
         "lm_head": (unembedding_lr * dmodel_scale, (0.8, 0.96), 0.01),
@@ -569,6 +547,21 @@ def build_param_groups(model: torch.nn.Module, *, unembedding_lr: float = 0.004,
         "x0": (scalar_lr, (0.96, 0.95), 0.0),  # higher beta1 for x0
         "smear": (0.2, (0.8, 0.95), 0.0),  # fixed LR in nanochat, not scaled
     }
+    # the AdamW group of a parameter is its role (architecture.parameter_role); block parameters go to Muon
+    adamw = {name: [] for name in settings}
+    matrices, unplaced = [], []
+    for n, p in named:
+        role = parameter_role(n)
+        if role in adamw:
+            adamw[role].append(p)
+        elif role == BLOCK and p.ndim == 2:
+            matrices.append(p)
+        else:
+            unplaced.append(f"{n} {tuple(p.shape)}")
+    if unplaced:
+        raise ValueError("build_param_groups cannot place these parameters (block params must be 2-D matrices; "
+                         "others must be one of the nanochat embedding/lm_head/scalar names): " + ", ".join(unplaced))
+
     groups = []
     for name, (lr, betas, wd) in settings.items():
         if adamw[name]:  # a model variant without e.g. value embeddings simply has no such group

@@ -22,6 +22,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+# The architecture facts (parameter roles, depth-independent config fields) come from the one module that derives
+# them from the model, instead of lists kept here; config_at_depth stays importable from this module.
+from modeling_nanochat.checkpoints.architecture import (BLOCK, EMBEDDING, LM_HEAD, VALUE_EMBEDS, config_at_depth,
+                                                         meta_model, parameter_roles)
 from modeling_nanochat.optim.schedules import (pretrain_lr_multiplier, pretrain_muon_momentum,
                                                  pretrain_muon_weight_decay)
 
@@ -29,38 +33,17 @@ B_REF = 2**19  # tokens per step nanochat found best at d12
 REFERENCE_DEPTH = 12
 POWER_LINES_EXPONENT = 0.383  # B_opt ∝ D^0.383 (arXiv:2505.13738)
 
-# Config fields that describe the architecture but not the depth: the d12 reference model keeps them.
-_ARCH_FIELDS = ("aspect_ratio", "head_dim", "vocab_size", "pad_vocab_size_to", "max_position_embeddings",
-                "window_pattern", "value_embeds", "ve_gate_channels", "ve_gate_scale", "residual_lambdas", "smear",
-                "smear_channels", "backout", "qk_norm_scale", "final_logit_softcapping", "rope_bf16_tables")
-
-
-def config_at_depth(config, depth: int):
-    """The same architecture at another depth (sizes re-derived by the depth dial)."""
-    kw = {k: getattr(config, k) for k in _ARCH_FIELDS}
-    if not config.value_embeds:
-        kw["value_embeds"] = False
-    return type(config)(depth=depth, **kw)
-
 
 def parameter_counts(config) -> dict[str, int]:
     """nanochat's `num_scaling_params` groups plus `matmul` (weights of every Linear: what FLOPs are counted on)."""
-    from modeling_nanochat.modeling_nanochat import NanoChatForCausalLM
-
-    with torch.device("meta"):
-        model = NanoChatForCausalLM(config)
+    model = meta_model(config)
     counts = dict(wte=0, value_embeds=0, lm_head=0, transformer_matrices=0, scalars=0)
+    # roles from the module tree (checkpoints.architecture); every other role (lambdas, smear gate and its lambda,
+    # backout lambda) counts as a scalar
+    count_of = {EMBEDDING: "wte", VALUE_EMBEDS: "value_embeds", LM_HEAD: "lm_head", BLOCK: "transformer_matrices"}
+    roles = parameter_roles(model)
     for name, p in model.named_parameters():
-        if name == "lm_head.weight":
-            counts["lm_head"] += p.numel()
-        elif name == "model.embed_tokens.weight":
-            counts["wte"] += p.numel()
-        elif name.startswith("model.value_embeds."):
-            counts["value_embeds"] += p.numel()
-        elif name.startswith("model.layers."):
-            counts["transformer_matrices"] += p.numel()
-        else:
-            counts["scalars"] += p.numel()  # lambdas, smear gate and its lambda, backout lambda
+        counts[count_of.get(roles[name], "scalars")] += p.numel()
     counts["total"] = sum(counts.values())
     counts["matmul"] = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     return counts

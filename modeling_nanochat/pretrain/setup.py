@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import torch
 
 from modeling_nanochat.utils.distributed import rank_world, world_size
+from modeling_nanochat.utils.io import atomic_write
 from modeling_nanochat.pretrain.trainer import Pretrainer, RunError, prepare_output_dir
 from modeling_nanochat.optim.scaling import PlanError, plan_training
-
-
-def _fail(message: str, is_main: bool = True) -> None:
-    if is_main:
-        print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _accelerator(args):
@@ -70,92 +64,38 @@ def _apply_fp8(model, device) -> None:
 
 
 def run(args):
-    from modeling_nanochat.configuration_nanochat import NanoChatConfig
-
+    """Set up everything from the parsed flags (recipes/pretrain.py) and train; raises RunError for a user mistake
+    (the entry point prints it), Interrupted after a signal's checkpoint."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would break up our progress bar
     args.output_dir = args.output_dir or os.path.join("runs", f"d{args.depth}")
-    try:
-        acc = _accelerator(args)
-    except RunError as e:
-        _fail(str(e))
+    acc = _accelerator(args)
     rank, world = rank_world()  # not Accelerate's counters: they can say 1 under DeepSpeed on CPU
     is_main = rank == 0
     deepspeed = acc.distributed_type.name == "DEEPSPEED"
     if deepspeed and args.optimizer == "muonadamw":
         args.optimizer = "muon"  # nanochat's optimizer shards itself and cannot live inside ZeRO; DeepSpeed's Muon can
     if not deepspeed and args.optimizer != "muonadamw":
-        _fail(f"--optimizer {args.optimizer} is the DeepSpeed path; launch with a DeepSpeed accelerate config "
-              "(accelerate_configs/zero2_8gpu.yaml) or use --optimizer muonadamw", is_main)
+        raise RunError(f"--optimizer {args.optimizer} is the DeepSpeed path; launch with a DeepSpeed accelerate "
+                       "config (accelerate_configs/zero2_8gpu.yaml) or use --optimizer muonadamw")
+    if deepspeed and (args.fp8 or args.compile):
+        raise RunError("--fp8/--compile are for the MuonAdamW path; DeepSpeed has its own settings for these")
 
     try:
         resume_ckpt = None if args.print_plan else prepare_output_dir(
             args.output_dir, resume=args.resume, overwrite=args.overwrite, is_main=is_main)
         tokenizer, token_bytes = _load_tokenizer(args, resume_ckpt)
-        config = NanoChatConfig(
-            depth=args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
-            max_position_embeddings=args.max_seq_len, window_pattern=args.window_pattern, vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.convert_tokens_to_ids("<|bos|>"),
-            eos_token_id=tokenizer.convert_tokens_to_ids("<|assistant_end|>"),
-            pad_token_id=tokenizer.convert_tokens_to_ids("<|bos|>"))
-        plan = plan_training(
-            config, world_size=world, device_batch_size=args.device_batch_size,
-            target_param_data_ratio=args.target_param_data_ratio, total_batch_size=args.total_batch_size,
-            num_iterations=args.num_iterations, target_flops=args.target_flops, embedding_lr=args.embedding_lr,
-            unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
-            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, warmdown_ratio=args.warmdown_ratio,
-            final_lr_frac=args.final_lr_frac)
-    except (RunError, PlanError, ValueError) as e:
-        _fail(str(e), is_main)
-
+        config, plan = _config_and_plan(args, tokenizer, world)
+    except (PlanError, ValueError) as e:  # RunError is a ValueError too: one typed error for the entry point
+        raise RunError(str(e)) from e
     if args.print_plan:
         if is_main:
             print(json.dumps(plan.to_dict(), indent=2))
         return plan
     if args.core_every > 0:
-        args.core_bundle = _core_bundle(args, acc, is_main)
-
-    from modeling_nanochat.data.loader import PretrainLoader, resolve_data
-    try:
-        with acc.main_process_first():  # the main process downloads, the others then find the files
-            source = resolve_data(args.data, num_shards=args.num_shards)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(str(e), is_main)
-
-    def loader(split):
-        return PretrainLoader(source, tokenizer, batch_size=args.device_batch_size, seq_len=args.max_seq_len,
-                              split=split, rank=rank, world_size=world)
-
-    from modeling_nanochat.modeling_nanochat import NanoChatForCausalLM
-    if deepspeed and (args.fp8 or args.compile):
-        _fail("--fp8/--compile are for the MuonAdamW path; DeepSpeed has its own settings for these", is_main)
-    torch.manual_seed(args.seed)
-    # _from_config: under ZeRO-3 with zero3_init_flag, transformers builds the model inside deepspeed.zero.Init
-    model = NanoChatForCausalLM._from_config(config)
-    if not deepspeed:  # DeepSpeed moves and broadcasts the (possibly partitioned) parameters itself
-        model.to(acc.device)
-        _broadcast_parameters(model)
-    if args.fp8:
-        try:
-            _apply_fp8(model, acc.device)
-        except RunError as e:
-            _fail(str(e), is_main)
-
-    groups_kw = dict(unembedding_lr=plan.unembedding_lr, embedding_lr=plan.embedding_lr, matrix_lr=plan.matrix_lr,
-                     scalar_lr=plan.scalar_lr, weight_decay=plan.weight_decay)
-    engine = None
-    if deepspeed:
-        from modeling_nanochat.optim.zero import prepare_deepspeed
-        engine, optimizer = prepare_deepspeed(acc, model, plan, optimizer=args.optimizer, **groups_kw)
-        train_model = engine
-    else:
-        from modeling_nanochat.optim.muon_adamw import MuonAdamW, build_param_groups
-        bf16 = acc.mixed_precision == "bf16"
-        compile_opt = args.compile_optimizer == "on" or (args.compile_optimizer == "auto" and
-                                                          (args.compile or acc.device.type == "cuda"))
-        optimizer = MuonAdamW(build_param_groups(model, **groups_kw), muon_compute_dtype=torch.bfloat16 if bf16 else None,
-                              compile=compile_opt)
-        train_model = torch.compile(model, dynamic=False) if args.compile else model
+        args.core_bundle = _core_bundle(args, acc)
+    loader = _loaders(args, acc, tokenizer, rank, world)
+    model, optimizer, train_model, engine = _model_and_optimizer(args, acc, config, plan, deepspeed)
 
     run_config = {"world_size": world, "distributed_type": acc.distributed_type.name, "mixed_precision":
                   acc.mixed_precision, "optimizer": args.optimizer, "device": str(acc.device), "args": vars(args),
@@ -164,18 +104,79 @@ def run(args):
                          train_loader=loader("train"), make_val_loader=lambda: loader("val"), token_bytes=token_bytes,
                          args=args, train_model=train_model, deepspeed_engine=engine, run_config=run_config)
     if resume_ckpt:
-        try:
-            trainer.resume_from(resume_ckpt)
-        except RunError as e:
-            _fail(str(e), is_main)
+        trainer.resume_from(resume_ckpt)
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "run_config.json"), "w") as f:
-            json.dump({**run_config, "plan": plan.to_dict()}, f, indent=2, default=str)
+        atomic_write(os.path.join(args.output_dir, "run_config.json"),
+                     json.dumps({**run_config, "plan": plan.to_dict()}, indent=2, default=str))
         _print_header(plan, run_config, resume_ckpt)
     acc.init_trackers(args.run_name or os.path.basename(os.path.abspath(args.output_dir)),
                       config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     return trainer.run()
+
+
+def _config_and_plan(args, tokenizer, world: int):
+    """The model config from the depth dial and the tokenizer's special ids, and the run's plan (optim/scaling)."""
+    from modeling_nanochat.configuration_nanochat import NanoChatConfig
+
+    config = NanoChatConfig(
+        depth=args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+        max_position_embeddings=args.max_seq_len, window_pattern=args.window_pattern, vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|bos|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|assistant_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|bos|>"))
+    plan = plan_training(
+        config, world_size=world, device_batch_size=args.device_batch_size,
+        target_param_data_ratio=args.target_param_data_ratio, total_batch_size=args.total_batch_size,
+        num_iterations=args.num_iterations, target_flops=args.target_flops, embedding_lr=args.embedding_lr,
+        unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, warmdown_ratio=args.warmdown_ratio,
+        final_lr_frac=args.final_lr_frac)
+    return config, plan
+
+
+def _loaders(args, acc, tokenizer, rank: int, world: int):
+    """`loader(split)`: a fresh PretrainLoader on this rank's stripe of the data (downloaded once, by rank 0)."""
+    from modeling_nanochat.data.loader import PretrainLoader, resolve_data
+    try:
+        with acc.main_process_first():  # the main process downloads, the others then find the files
+            source = resolve_data(args.data, num_shards=args.num_shards)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise RunError(str(e)) from e
+
+    def loader(split):
+        return PretrainLoader(source, tokenizer, batch_size=args.device_batch_size, seq_len=args.max_seq_len,
+                              split=split, rank=rank, world_size=world)
+    return loader
+
+
+def _model_and_optimizer(args, acc, config, plan, deepspeed: bool):
+    """(model, optimizer, the module to train, the DeepSpeed engine or None): MuonAdamW on the model as nanochat
+    (no DDP wrapper), or DeepSpeed's Muon/AdamW under ZeRO."""
+    from modeling_nanochat.modeling_nanochat import NanoChatForCausalLM
+
+    torch.manual_seed(args.seed)
+    # _from_config: under ZeRO-3 with zero3_init_flag, transformers builds the model inside deepspeed.zero.Init
+    model = NanoChatForCausalLM._from_config(config)
+    if not deepspeed:  # DeepSpeed moves and broadcasts the (possibly partitioned) parameters itself
+        model.to(acc.device)
+        _broadcast_parameters(model)
+    if args.fp8:
+        _apply_fp8(model, acc.device)
+    groups_kw = dict(unembedding_lr=plan.unembedding_lr, embedding_lr=plan.embedding_lr, matrix_lr=plan.matrix_lr,
+                     scalar_lr=plan.scalar_lr, weight_decay=plan.weight_decay)
+    if deepspeed:
+        from modeling_nanochat.optim.zero import prepare_deepspeed
+        engine, optimizer = prepare_deepspeed(acc, model, plan, optimizer=args.optimizer, **groups_kw)
+        return model, optimizer, engine, engine
+    from modeling_nanochat.optim.muon_adamw import MuonAdamW, build_param_groups
+    bf16 = acc.mixed_precision == "bf16"
+    compile_opt = args.compile_optimizer == "on" or (args.compile_optimizer == "auto" and
+                                                      (args.compile or acc.device.type == "cuda"))
+    optimizer = MuonAdamW(build_param_groups(model, **groups_kw), muon_compute_dtype=torch.bfloat16 if bf16 else None,
+                          compile=compile_opt)
+    train_model = torch.compile(model, dynamic=False) if args.compile else model
+    return model, optimizer, train_model, None
 
 
 def _load_tokenizer(args, resume_ckpt):
@@ -192,7 +193,7 @@ def _load_tokenizer(args, resume_ckpt):
     return tokenizer, token_bytes_of(tok_dir, tokenizer)
 
 
-def _core_bundle(args, acc, is_main):
+def _core_bundle(args, acc):
     try:
         from evaluation.core_bundle import ensure_bundle, load_bundle
         with acc.main_process_first():  # the main process downloads it once
@@ -200,8 +201,8 @@ def _core_bundle(args, acc, is_main):
         load_bundle(bundle)  # a corrupt bundle fails now, not after hours of training
         return str(bundle)
     except (OSError, ValueError, ImportError) as e:
-        _fail(f"CORE evaluation (--core-every {args.core_every}) needs its eval bundle: {e}. Pass --core-bundle DIR, "
-              "or --core-every -1 to train without it", is_main)
+        raise RunError(f"CORE evaluation (--core-every {args.core_every}) needs its eval bundle: {e}. Pass "
+                       "--core-bundle DIR, or --core-every -1 to train without it") from e
 
 
 def _print_header(plan, run_config, resume_ckpt):

@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -34,6 +33,7 @@ import torch.distributed as dist
 
 from evaluation.samples import SAMPLE_PROMPTS, greedy_completions
 
+from modeling_nanochat.checkpoints.handover import BASE_LR_NAMES, PretrainHandover
 from modeling_nanochat.checkpoints.training_state import (STATE_DIR, checkpoint_path, latest_checkpoint,
                                                           list_checkpoints, load_training_state, prune_checkpoints,
                                                           save_checkpoint)
@@ -46,6 +46,14 @@ from modeling_nanochat.utils.run_files import MetricsLog
 
 class RunError(ValueError):
     """A problem with the run's settings or output directory, reported before any compute."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived and a checkpoint was saved; the entry point exits with 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum} after saving a checkpoint")
+        self.signum = signum
 
 
 @dataclass
@@ -188,6 +196,20 @@ class Pretrainer:
         return {"step": self.state.step, "loop_state": asdict(self.state), "world_size": self.world,
                 "plan": self.plan.to_dict(), "run_config": self.run_config}
 
+    def handover(self) -> PretrainHandover:
+        """The typed record SFT inherits from (checkpoints/handover.py)."""
+        groups = self.optimizer.param_groups
+        if self.ds is not None:
+            from modeling_nanochat.optim.zero import optimizer_param_groups
+            groups = optimizer_param_groups(self.optimizer)
+        return PretrainHandover(
+            max_seq_len=self.plan.max_seq_len, device_batch_size=self.plan.device_batch_size,
+            total_batch_size=self.plan.total_batch_size,
+            base_lrs={k: getattr(self.args, f"{k}_lr") for k in BASE_LR_NAMES if hasattr(self.args, f"{k}_lr")},
+            group_lrs={g.get("name", f"group_{i}"): g["initial_lr"] for i, g in enumerate(groups)},
+            optimizer=self.run_config.get("optimizer", "muonadamw"),
+            distributed_type=self.run_config.get("distributed_type", "NO"), step=self.state.step)
+
     def save(self, final: bool = False) -> str:
         """Checkpoint at the current step; every rank must call this (optimizer and loader states are gathered)."""
         from accelerate.utils import gather_object
@@ -200,7 +222,7 @@ class Pretrainer:
         opt_state = self.optimizer.state_dict()  # a collective for MuonAdamW: every rank calls it
         if self.is_main:
             save_checkpoint(path, model=self.model, tokenizer=self.tokenizer, optimizer_state=opt_state,
-                            loader_states=loader_states, trainer_state=self.trainer_state())
+                            loader_states=loader_states, trainer_state=self.trainer_state(), handover=self.handover())
             if final:
                 publish_final_model(path, self.out)
             prune_checkpoints(self.out, self.args.keep_last)
@@ -226,6 +248,7 @@ class Pretrainer:
                        os.path.join(tmp, STATE_DIR, "dataloader.pt"))
             with open(os.path.join(tmp, STATE_DIR, "trainer_state.json"), "w") as f:
                 json.dump(self.trainer_state(), f, indent=2)
+            self.handover().save(os.path.join(tmp, STATE_DIR))
             replace_dir(tmp, path)
             if final:
                 publish_final_model(path, self.out)
@@ -264,6 +287,47 @@ class Pretrainer:
         self.resume_step = self.state.step
 
     # -- the loop --------------------------------------------------------------------------------------------
+    def _periodic_evals(self, last: bool, flops_so_far: int, metrics, log) -> None:
+        """val bpb, CORE and samples when their interval (or the end) comes, as nanochat's loop does them."""
+        args, st = self.args, self.state
+        if args.eval_every > 0 and (last or st.step % args.eval_every == 0):
+            st.val_bpb = self.evaluate_bpb()
+            st.min_val_bpb = min(st.min_val_bpb, st.val_bpb)
+            log(f"step {st.step:05d} | val bpb {st.val_bpb:.6f}")
+            metrics.write(step=st.step, val_bpb=st.val_bpb, total_training_flops=flops_so_far,
+                          total_training_time=st.total_training_time)
+            self.acc.log({"val/bpb": st.val_bpb}, step=st.step)
+        if args.core_every > 0 and (last or (st.step > 0 and st.step % args.core_every == 0)):
+            core = self.evaluate_core()
+            log(f"step {st.step:05d} | CORE {core['core']:.4f}")
+            metrics.write(step=st.step, core=core["core"],
+                          core_results={k: v["centered"] for k, v in core["results"].items()})
+            self.acc.log({"core_metric": core["core"]}, step=st.step)
+        if args.sample_every > 0 and (self.is_main or self.ds is not None) and \
+                (last or (st.step > 0 and st.step % args.sample_every == 0)):
+            for text in self.samples():  # under DeepSpeed all ranks generate: ZeRO-3 gathers collectively
+                log(f"  sample: {text!r}")
+
+    def _record_step(self, loss: float, dt: float, flops_so_far: int, metrics, bar) -> None:
+        """The step's line in metrics.jsonl, the trackers and the progress bar (EMA loss debiased as nanochat)."""
+        plan, st = self.plan, self.state
+        st.smooth_loss = 0.9 * st.smooth_loss + 0.1 * loss
+        smooth = st.smooth_loss / (1 - 0.9 ** (st.step + 1))
+        tok_per_s = plan.total_batch_size / dt
+        mfu = (100 * plan.flops_per_token * tok_per_s / (self.peak * self.world)) if self.peak else None
+        if st.step > 10:
+            st.total_training_time += dt
+        lrm = plan.lr_multiplier(st.step)
+        record = dict(step=st.step, loss=loss, smooth_loss=smooth, lrm=lrm, dt=dt, tok_per_s=tok_per_s,
+                      mfu=mfu, total_training_flops=flops_so_far, total_training_time=st.total_training_time)
+        metrics.write(**record)
+        if self.args.log_every > 0 and st.step % self.args.log_every == 0:
+            self.acc.log({f"train/{k}": v for k, v in record.items() if k != "step" and v is not None},
+                         step=st.step)
+        bar.set_postfix_str(f"loss {smooth:.4f} | lrm {lrm:.2f} | {tok_per_s:,.0f} tok/s"
+                            + (f" | mfu {mfu:.1f}%" if mfu is not None else ""), refresh=False)
+        bar.update(1)
+
     def run(self) -> LoopState:
         from tqdm.auto import tqdm
 
@@ -276,23 +340,7 @@ class Pretrainer:
             while True:
                 last = st.step == plan.num_iterations
                 flops_so_far = plan.flops_per_token * plan.total_batch_size * st.step
-                if args.eval_every > 0 and (last or st.step % args.eval_every == 0):
-                    st.val_bpb = self.evaluate_bpb()
-                    st.min_val_bpb = min(st.min_val_bpb, st.val_bpb)
-                    log(f"step {st.step:05d} | val bpb {st.val_bpb:.6f}")
-                    metrics.write(step=st.step, val_bpb=st.val_bpb, total_training_flops=flops_so_far,
-                                  total_training_time=st.total_training_time)
-                    self.acc.log({"val/bpb": st.val_bpb}, step=st.step)
-                if args.core_every > 0 and (last or (st.step > 0 and st.step % args.core_every == 0)):
-                    core = self.evaluate_core()
-                    log(f"step {st.step:05d} | CORE {core['core']:.4f}")
-                    metrics.write(step=st.step, core=core["core"],
-                                  core_results={k: v["centered"] for k, v in core["results"].items()})
-                    self.acc.log({"core_metric": core["core"]}, step=st.step)
-                if args.sample_every > 0 and (self.is_main or self.ds is not None) and \
-                        (last or (st.step > 0 and st.step % args.sample_every == 0)):
-                    for text in self.samples():  # under DeepSpeed all ranks generate: ZeRO-3 gathers collectively
-                        log(f"  sample: {text!r}")
+                self._periodic_evals(last, flops_so_far, metrics, log)
                 if last:
                     self.save(final=True)
                     if self.is_main:
@@ -312,22 +360,7 @@ class Pretrainer:
                     raise FloatingPointError(f"loss is {loss} at step {st.step}; lower the learning rates or check "
                                              "the data (the last checkpoint is intact)")
 
-                st.smooth_loss = 0.9 * st.smooth_loss + 0.1 * loss
-                smooth = st.smooth_loss / (1 - 0.9 ** (st.step + 1))
-                tok_per_s = plan.total_batch_size / dt
-                mfu = (100 * plan.flops_per_token * tok_per_s / (self.peak * self.world)) if self.peak else None
-                if st.step > 10:
-                    st.total_training_time += dt
-                lrm = plan.lr_multiplier(st.step)
-                record = dict(step=st.step, loss=loss, smooth_loss=smooth, lrm=lrm, dt=dt, tok_per_s=tok_per_s,
-                              mfu=mfu, total_training_flops=flops_so_far, total_training_time=st.total_training_time)
-                metrics.write(**record)
-                if args.log_every > 0 and st.step % args.log_every == 0:
-                    self.acc.log({f"train/{k}": v for k, v in record.items() if k != "step" and v is not None},
-                                 step=st.step)
-                bar.set_postfix_str(f"loss {smooth:.4f} | lrm {lrm:.2f} | {tok_per_s:,.0f} tok/s"
-                                    + (f" | mfu {mfu:.1f}%" if mfu is not None else ""), refresh=False)
-                bar.update(1)
+                self._record_step(loss, dt, flops_so_far, metrics, bar)
                 first_step = st.step == 0 or st.step == self.resume_step
                 st.step += 1
                 if first_step:  # nanochat: the GC's cycle scans cost ~500 ms now and then; freeze the setup garbage
@@ -343,7 +376,7 @@ class Pretrainer:
                     bar.close()
                     self.acc.end_training()
                     gc.enable()
-                    sys.exit(128 + (stop.signum or signal.SIGTERM))
+                    raise Interrupted(stop.signum or signal.SIGTERM)
         bar.close()
         gc.enable()
         self.acc.end_training()
@@ -386,4 +419,4 @@ def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool, is_mai
     return None
 
 
-__all__ = ["Pretrainer", "LoopState", "RunError", "prepare_output_dir", "publish_final_model"]
+__all__ = ["Pretrainer", "LoopState", "RunError", "Interrupted", "prepare_output_dir", "publish_final_model"]

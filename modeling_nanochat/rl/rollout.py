@@ -7,7 +7,7 @@ other key goes to the reward functions, except ``env_mask``, which the trainer m
 (``completion_mask * tool_mask`` in ``_compute_loss``). ``ToolRollout`` fills these the way nanochat's chat_rl does:
 
 * each run of identical prompts is one question; its samples are drawn in passes of at most
-  ``per_device_train_batch_size`` rows (nanochat's ``--device-batch-size``), each pass one ``tool_generation.generate``
+  ``per_device_train_batch_size`` rows (nanochat's ``--device-batch-size``), each pass one ``tool_use.generate``
   call: prompt prefilled once, KV cache repeated, ``temperature``/``top_k`` sampling, the calculator's result forced
   as ``<|output_start|> result <|output_end|>`` after every ``<|python_start|> expr <|python_end|>``;
 * ``env_mask`` is 1 on sampled tokens and 0 on forced tool-output tokens, so they are left out of the loss, as

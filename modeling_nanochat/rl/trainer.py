@@ -5,8 +5,8 @@ nanochat's "GRPO" is on-policy REINFORCE with a group baseline: no KL, no refere
 ``beta=0.0, num_iterations=1, scale_rewards="none"`` (with ``num_iterations=1`` and one optimizer step per generation
 batch the ratio is exactly 1, so PPO clipping never acts and the gradient is ``-A * grad log p``), plus:
 
-* ``NanoChatGRPOTrainer``: GRPOTrainer with the tool-use rollout (grpo_rollout.ToolRollout) as ``rollout_func``,
-  nanochat's MuonAdamW (trl_optim's Trainer hooks) with the RL learning rates x 0.05 decaying linearly to 0
+* ``NanoChatGRPOTrainer``: GRPOTrainer with the tool-use rollout (rollout.ToolRollout) as ``rollout_func``,
+  nanochat's MuonAdamW (optim.trainer_mixin's Trainer hooks) with the RL learning rates x 0.05 decaying linearly to 0
   (``rl_muon_setup``), and log-probs over the real vocabulary only (below).
 * ``gsm8k_prompt_dataset``: GSM8K as TRL prompts (``prompt`` + ``answer``) in nanochat's order.
 
@@ -26,7 +26,7 @@ Other differences from nanochat, on purpose or forced:
 * like nanochat, sampling uses top-k 50 while the loss uses the full softmax.
 * prompts of a batch are left-padded (TRL pads), so RoPE positions are shifted per row; attention is relative, so
   log-probs agree with an unpadded forward to float rounding (tests/rl/test_grpo.py checks 1e-5).
-* sampling seeds, see grpo_rollout.
+* sampling seeds, see rl/rollout.py.
 """
 
 from __future__ import annotations
@@ -43,30 +43,6 @@ from modeling_nanochat.rl.rollout import ToolRollout
 from modeling_nanochat.tokenizer.tokenizer import save_tokenizer
 from modeling_nanochat.optim.schedules import rl_lr_schedule
 from modeling_nanochat.optim.trainer_mixin import MuonAdamWSetup, MuonAdamWTrainerMixin, nanochat_param_groups
-
-
-def gsm8k_prompt_dataset(data=None, split: str = "train", limit: int | None = None):
-    """GSM8K ("main") as a TRL prompt dataset: ``prompt`` = ``[{"role": "user", "content": question}]``, ``answer`` =
-    the reference solution (read by rewards.gsm8k_reward). Rows are in nanochat's order (shuffled with seed 42).
-
-    Args:
-        data: None for ``openai/gsm8k`` from the Hub (or the local ``datasets`` cache), or a local .jsonl/.json/
-            .parquet file or folder in the Hub dataset's format (``question``, ``answer``).
-        split: "train" or "test".
-        limit: keep the first ``limit`` rows (nanochat evaluates RL on the first 400 test problems).
-    """
-    from evaluation.tasks.common import HubSource
-    from evaluation.tasks.gsm8k import GSM8K
-
-    if split not in ("train", "test"):
-        raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
-    rows = GSM8K(data, source=HubSource("openai/gsm8k", "main", split)).rows
-    if limit is not None:
-        rows = rows.select(range(min(limit, len(rows))))
-    keep = {"question", "answer"}
-    rows = rows.remove_columns([c for c in rows.column_names if c not in keep])
-    return rows.map(lambda row: {"prompt": [{"role": "user", "content": row["question"]}]},
-                    remove_columns=["question"])
 
 
 def rl_muon_setup(*, init_lr_frac: float = 0.05, unembedding_lr: float = 0.004, embedding_lr: float = 0.2,
@@ -87,7 +63,7 @@ class NanoChatGRPOTrainer(MuonAdamWTrainerMixin, GRPOTrainer):
 
     Args:
         calculator: tool for the default rollout (``None``: sample without tools); unused with a ``rollout_func``.
-        muon_setup: the optimizer (default ``rl_muon_setup()``; see trl_optim). GRPOConfig's ``learning_rate``,
+        muon_setup: the optimizer (default ``rl_muon_setup()``; see optim.trainer_mixin). GRPOConfig's ``learning_rate``,
             ``weight_decay`` and ``optim`` are not used by it: every MuonAdamW group has its own LR and decay.
     """
 

@@ -138,7 +138,7 @@ class PackedSFTCollator:
     """Planned rows -> ``input_ids`` (B, T), ``labels`` (B, T; already shifted: label t is the target of input t),
     ``position_ids`` (B, T) = 0..T-1. No ``attention_mask``: attention is causal over the whole row.
 
-    ``conversations[i]`` must give ``(ids, mask)`` of mixture index i (an ``sft_data.SFTMixture``). A feature is a
+    ``conversations[i]`` must give ``(ids, mask)`` of mixture index i (an ``data.SFTMixture``). A feature is a
     row's list of indices, or a mapping with it under ``"conversations"`` (a ``datasets`` row)."""
 
     def __init__(self, conversations, bos_token_id: int, seq_len: int, ignore_index: int = IGNORE_INDEX):

@@ -16,11 +16,14 @@ import functools
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
+from modeling_nanochat.checkpoints.handover import HANDOVER_FILE, HandoverError, PretrainHandover
+from modeling_nanochat.checkpoints.model_dirs import is_model_dir
 from modeling_nanochat.checkpoints.training_state import STATE_DIR, latest_checkpoint
+from modeling_nanochat.utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +38,13 @@ class SFTSetupError(ValueError):
 
 @dataclass
 class InitCheckpoint:
-    """What SFT starts from: the model directory, the pretraining run's settings and its optimizer state file."""
+    """What SFT starts from: the model directory, the pretraining run's hand-over record and its optimizer state."""
 
     model_dir: str
     checkpoint_dir: str | None = None  # the checkpoint whose training_state/ holds the optimizer
-    plan: dict = field(default_factory=dict)
-    run_args: dict = field(default_factory=dict)
+    handover: PretrainHandover | None = None
     optimizer_file: str | None = None
     optimizer_refusal: str | None = None  # why the optimizer state cannot be used, if so
-
-
-def _is_model_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and any(
-        os.path.isfile(os.path.join(path, name)) for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def resolve_init_checkpoint(path: str) -> InitCheckpoint:
@@ -56,7 +53,7 @@ def resolve_init_checkpoint(path: str) -> InitCheckpoint:
         raise SFTSetupError(f"--model_name_or_path {path} is not a directory: give a pretraining run "
                             "(recipes/pretrain.py --output-dir) or a checkpoint-<step> directory inside it")
     ckpt = path if os.path.isdir(os.path.join(path, STATE_DIR)) else latest_checkpoint(path)
-    model_dir = path if _is_model_dir(path) else ckpt
+    model_dir = path if is_model_dir(path) else ckpt
     if model_dir is None:
         raise SFTSetupError(f"{path} holds no model (config.json + model.safetensors) and no checkpoint-<step>/")
     init = InitCheckpoint(model_dir=model_dir, checkpoint_dir=ckpt)
@@ -65,19 +62,19 @@ def resolve_init_checkpoint(path: str) -> InitCheckpoint:
         return init
     state_dir = os.path.join(ckpt, STATE_DIR)
     try:
-        with open(os.path.join(state_dir, "trainer_state.json")) as f:
-            trainer_state = json.load(f)
-    except (OSError, ValueError) as e:
-        init.optimizer_refusal = f"{state_dir}/trainer_state.json is unreadable ({e})"
+        init.handover = handover = PretrainHandover.load(state_dir)
+    except HandoverError as e:
+        init.optimizer_refusal = str(e)
         return init
-    run_config = trainer_state.get("run_config") or {}
-    init.plan, init.run_args = trainer_state.get("plan") or {}, run_config.get("args") or {}
+    if handover is None:
+        init.optimizer_refusal = f"{state_dir} has no hand-over record ({HANDOVER_FILE})"
+        return init
     optimizer_file = os.path.join(state_dir, "optimizer.pt")
-    if os.path.isdir(os.path.join(state_dir, "deepspeed")) or run_config.get("distributed_type") == "DEEPSPEED":
-        init.optimizer_refusal = (f"the run trained under DeepSpeed ZeRO with its {run_config.get('optimizer', '?')} "
+    if os.path.isdir(os.path.join(state_dir, "deepspeed")) or handover.distributed_type == "DEEPSPEED":
+        init.optimizer_refusal = (f"the run trained under DeepSpeed ZeRO with its {handover.optimizer} "
                                   "optimizer, whose state is DeepSpeed's own (per-rank shards of another optimizer)")
-    elif run_config.get("optimizer", "muonadamw") != "muonadamw":
-        init.optimizer_refusal = f"the run used the {run_config.get('optimizer')!r} optimizer, not MuonAdamW"
+    elif handover.optimizer != "muonadamw":
+        init.optimizer_refusal = f"the run used the {handover.optimizer!r} optimizer, not MuonAdamW"
     elif not os.path.isfile(optimizer_file):
         init.optimizer_refusal = f"{optimizer_file} is missing"
     else:
@@ -88,13 +85,14 @@ def resolve_init_checkpoint(path: str) -> InitCheckpoint:
 def inherit(args, init: InitCheckpoint, model_config) -> dict:
     """Fill -1/None settings from the pretraining run (nanochat's chat_sft does the same from its meta file), else
     from nanochat's fallbacks. Returns {name: (value, where it came from)}."""
+    h = init.handover or PretrainHandover(max_seq_len=None, device_batch_size=None, total_batch_size=None)
     sources = {
-        "max_length": (init.plan.get("max_seq_len"), model_config.max_position_embeddings),
-        "per_device_train_batch_size": (init.plan.get("device_batch_size"), FALLBACKS["device_batch_size"]),
-        "total_batch_size": (init.plan.get("total_batch_size"), FALLBACKS["total_batch_size"]),
-        "embedding_lr": (init.run_args.get("embedding_lr"), FALLBACKS["embedding_lr"]),
-        "unembedding_lr": (init.run_args.get("unembedding_lr"), FALLBACKS["unembedding_lr"]),
-        "matrix_lr": (init.run_args.get("matrix_lr"), FALLBACKS["matrix_lr"]),
+        "max_length": (h.max_seq_len, model_config.max_position_embeddings),
+        "per_device_train_batch_size": (h.device_batch_size, FALLBACKS["device_batch_size"]),
+        "total_batch_size": (h.total_batch_size, FALLBACKS["total_batch_size"]),
+        "embedding_lr": (h.base_lrs.get("embedding"), FALLBACKS["embedding_lr"]),
+        "unembedding_lr": (h.base_lrs.get("unembedding"), FALLBACKS["unembedding_lr"]),
+        "matrix_lr": (h.base_lrs.get("matrix"), FALLBACKS["matrix_lr"]),
     }
     resolved = {}
     for name, (from_run, fallback) in sources.items():
@@ -151,45 +149,35 @@ def _warm_start(optimizer, init: InitCheckpoint, is_main: bool, record: dict) ->
                    f"starts with a fresh state (slightly worse, as nanochat warns): {reason}")
 
 
-def build_trainer(args, model_name_or_path: str, model_args=None):
-    """Everything up to a ready ``NanoChatSFTTrainer`` (see ``run``); returns (trainer, record). ``model_args``: TRL's
-    ModelConfig; with ``use_peft`` the model gets LoRA adapters (lora.py) and MuonAdamW trains only those."""
-    from datasets import Dataset
-
+def _load_model(init: InitCheckpoint, args, model_args):
+    """(model, tokenizer, token_bytes, uses LoRA): fp32 master weights, with LoRA adapters when ``use_peft``."""
+    from modeling_nanochat.adapters import lora
     from modeling_nanochat.modeling_nanochat import NanoChatForCausalLM
-    from modeling_nanochat.sft.collator import PackedSFTCollator, plan_epoch, plan_stream
-    from modeling_nanochat.sft.data import build_sft_mixture
-    from modeling_nanochat.sft.trainer import NanoChatSFTTrainer
-    from modeling_nanochat.utils.run_files import MetricsFileCallback
-    from modeling_nanochat.tokenizer.tokenizer import load_tokenizer, special_token_id, token_bytes_of
-    from modeling_nanochat.optim.schedules import sft_lr_schedule, sft_muon_momentum
-    from modeling_nanochat.optim.trainer_mixin import MuonAdamWSetup, nanochat_param_groups
+    from modeling_nanochat.tokenizer.tokenizer import load_tokenizer, token_bytes_of
 
-    if not model_name_or_path:
-        raise SFTSetupError("--model_name_or_path is required: a pretraining run directory or checkpoint")
-    init = resolve_init_checkpoint(model_name_or_path)
-    world, rank = args.world_size, args.process_index
     tokenizer = load_tokenizer(init.model_dir)
     token_bytes = token_bytes_of(init.model_dir, tokenizer)
     model = NanoChatForCausalLM.from_pretrained(init.model_dir, dtype=torch.float32)
     if model.config.vocab_size != len(tokenizer):
         raise SFTSetupError(f"{init.model_dir}: the model's vocabulary ({model.config.vocab_size}) does not match its "
                             f"tokenizer ({len(tokenizer)})")
-    from modeling_nanochat.adapters import lora
     peft = bool(model_args is not None and getattr(model_args, "use_peft", False))
     if peft:
         model = lora.wrap_model(model, model_args)
     if peft and args.load_optimizer:  # the pretraining state belongs to the full weights, not to adapters
         args.load_optimizer = False
-    resolved = inherit(args, init, model.config)
-    _check_batch(args, world)
-    T, B = args.max_length, args.per_device_train_batch_size
-    if T > model.config.max_position_embeddings:
-        logger.warning("max_length %d is longer than the pretraining context %d", T,
-                       model.config.max_position_embeddings)
+    return model, tokenizer, token_bytes, peft
 
-    # rendered once (the main process fills the datasets cache, the others read it); crop at T + 1 so that every
-    # conversation fits a row (nanochat renders at 2048 whatever T is: the same for its T = 2048)
+
+def _mixtures_and_plans(args, tokenizer, world: int):
+    """(train mixture, val mixture or None, train plan, val plan or None): rendered once (the main process fills
+    the datasets cache, the others read it) and packed into rows as nanochat does."""
+    from modeling_nanochat.sft.collator import plan_epoch, plan_stream
+    from modeling_nanochat.sft.data import build_sft_mixture
+
+    T, B = args.max_length, args.per_device_train_batch_size
+    # crop at T + 1 so that every conversation fits a row (nanochat renders at 2048 whatever T is: the same for
+    # its T = 2048)
     mixture_kw = dict(data_dir=args.data_dir, max_tokens=min(2048, T + 1), num_proc=args.dataset_num_proc)
     try:
         with args.main_process_first(desc="SFT mixture"):
@@ -207,9 +195,37 @@ def build_trainer(args, model_name_or_path: str, model_args=None):
         val_steps = max(1, args.eval_tokens // (B * T * world))
         val_plan = plan_stream(val.lengths, batch_size=B, row_capacity=T + 1, micro_batches=val_steps,
                                world_size=world, buffer_size=args.buffer_size)
+    return train, val, plan, val_plan
+
+
+def build_trainer(args, model_name_or_path: str, model_args=None):
+    """Everything up to a ready ``NanoChatSFTTrainer`` (see ``run``); returns (trainer, record). ``model_args``: TRL's
+    ModelConfig; with ``use_peft`` the model gets LoRA adapters (lora.py) and MuonAdamW trains only those."""
+    from datasets import Dataset
+
+    from modeling_nanochat.adapters import lora
+    from modeling_nanochat.optim.schedules import sft_lr_schedule, sft_muon_momentum
+    from modeling_nanochat.optim.trainer_mixin import MuonAdamWSetup, nanochat_param_groups
+    from modeling_nanochat.sft.collator import PackedSFTCollator
+    from modeling_nanochat.sft.trainer import NanoChatSFTTrainer
+    from modeling_nanochat.tokenizer.tokenizer import special_token_id
+    from modeling_nanochat.utils.run_files import MetricsFileCallback
+
+    if not model_name_or_path:
+        raise SFTSetupError("--model_name_or_path is required: a pretraining run directory or checkpoint")
+    init = resolve_init_checkpoint(model_name_or_path)
+    world, rank = args.world_size, args.process_index
+    model, tokenizer, token_bytes, peft = _load_model(init, args, model_args)
+    resolved = inherit(args, init, model.config)
+    _check_batch(args, world)
+    T = args.max_length
+    if T > model.config.max_position_embeddings:
+        logger.warning("max_length %d is longer than the pretraining context %d", T,
+                       model.config.max_position_embeddings)
+    train, val, plan, val_plan = _mixtures_and_plans(args, tokenizer, world)
     chatcore_tasks = _load_chatcore_tasks(args)
 
-    record = {"init": init.__dict__ | {"plan": None, "run_args": None}, "world_size": world,
+    record = {"init": init.__dict__ | {"handover": init.handover and asdict(init.handover)}, "world_size": world,
               "resolved": {k: {"value": v, "from": w} for k, (v, w) in resolved.items()},
               "gradient_accumulation_steps": args.gradient_accumulation_steps,
               "train_mixture": train.describe(), "val_mixture": val.describe() if val is not None else None,
@@ -249,8 +265,7 @@ def run(args, model_name_or_path: str, model_args=None):
     trainer.save_model(args.output_dir)
     if trainer.args.should_save:
         record["global_step"] = trainer.state.global_step
-        with open(os.path.join(args.output_dir, "run_config.json"), "w") as f:
-            json.dump(record, f, indent=2, default=str)
+        atomic_write(os.path.join(args.output_dir, "run_config.json"), json.dumps(record, indent=2, default=str))
     trainer.accelerator.wait_for_everyone()
     return trainer
 

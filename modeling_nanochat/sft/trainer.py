@@ -1,9 +1,9 @@
 """nanochat's chat SFT on TRL's ``SFTTrainer``: its config (nanochat's defaults) and the trainer.
 
-``NanoChatSFTTrainer`` is SFTTrainer plus ``trl_optim.MuonAdamWTrainerMixin`` (nanochat's optimizer and schedules),
+``NanoChatSFTTrainer`` is SFTTrainer plus ``trainer_mixin.MuonAdamWTrainerMixin`` (nanochat's optimizer and schedules),
 with these differences from stock TRL, each for nanochat parity:
 
-* data: rows planned by ``sft_collator.plan_epoch`` (nanochat's best-fit packing) are dealt to the ranks in order
+* data: rows planned by ``collator.plan_epoch`` (nanochat's best-fit packing) are dealt to the ranks in order
   (sequential sampler, ``remove_unused_columns`` off for the ``conversations`` column) and turned into tensors by
   ``PackedSFTCollator``; TRL's tokenization and packing are skipped (``skip_prepare_dataset``);
 * loss: the mean over the supervised tokens of each micro-batch, averaged over accumulation steps and ranks
@@ -12,7 +12,7 @@ with these differences from stock TRL, each for nanochat parity:
 * evaluation (``eval_steps``, at step 0 and at the end, as nanochat's ``--eval-every``): validation bits per byte
   over ``eval_tokens`` tokens of the packed val mixture, and every ``chatcore_every`` steps ChatCORE (categorical
   tasks up to ``chatcore_max_cat`` problems, generative ones up to ``chatcore_max_sample``) via ``evaluation.chat``;
-* saving: ``save_pretrained`` plus the nanochat tokenizer files (``tokenization.save_tokenizer``: chat template,
+* saving: ``save_pretrained`` plus the nanochat tokenizer files (``tokenizer.save_tokenizer``: chat template,
   ``token_bytes.pt``), so the output directory is what the evaluators and the chat app read.
 """
 
@@ -104,8 +104,8 @@ class NanoChatSFTTrainer(MuonAdamWTrainerMixin, SFTTrainer):
     """SFTTrainer for nanochat's SFT (see the module docstring). Extra arguments:
 
     Args:
-        muon_setup: the optimizer setup (trl_optim.MuonAdamWSetup).
-        val_mixture / val_plan: the rendered val mixture and its packing plan (sft_collator.plan_stream).
+        muon_setup: the optimizer setup (trainer_mixin.MuonAdamWSetup).
+        val_mixture / val_plan: the rendered val mixture and its packing plan (collator.plan_stream).
         token_bytes: bytes per token id, for bits per byte.
         chatcore_tasks: loaded evaluation.tasks objects by name (empty: no ChatCORE).
     """

@@ -13,7 +13,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app
-from modeling_nanochat import chat_backend as cb
+from modeling_nanochat.apps import chat_backend as cb
 from modeling_nanochat.generation.calculator import use_calculator
 from modeling_nanochat.tokenizer.chat_format import render_prompt
 from modeling_nanochat.generation.tool_use import generate_batch
@@ -52,6 +52,7 @@ def _text(update):
     return "".join(m["content"] for m in update) if update else ""
 
 
+@pytest.mark.slow
 def test_streams_the_exact_greedy_reply(servers):
     expected, ids = greedy_reply(servers.model, servers.tok, PROMPT, MAX_TOKENS)
     tool_tokens = {servers.tok.convert_tokens_to_ids(t) for t in ("<|python_start|>", "<|output_start|>")}
@@ -65,6 +66,7 @@ def test_streams_the_exact_greedy_reply(servers):
     assert all(expected.startswith(s) for s in streamed)  # growing prefixes, never a wrong intermediate text
 
 
+@pytest.mark.slow
 def test_endpoint_mode_chats_with_transformers_serve(servers):
     # the server decodes with special tokens skipped; this reply has none, so it equals the local one too
     expected, _ = greedy_reply(servers.model, servers.tok, PROMPT, MAX_TOKENS, skip_special_tokens=True)
@@ -75,6 +77,7 @@ def test_endpoint_mode_chats_with_transformers_serve(servers):
         assert "calculator calls are not executed" in json.dumps(json.load(r))
 
 
+@pytest.mark.slow
 def test_twenty_users_at_once(servers):
     prompts = [f"hello {i}" for i in range(20)]
     expected = [[{"role": "assistant", "content": greedy_reply(servers.model, servers.tok, p, 8)[0]}]
@@ -95,6 +98,7 @@ def test_twenty_users_at_once(servers):
     (("", 0.0, 0, 8), "Message 1 is empty"),
     (("hello " * 300, 0.0, 0, 8), "fills the model's context of 256 tokens; clear the chat"),
 ], ids=["message-too-long", "temperature", "top-k", "max-tokens", "empty", "context"])
+@pytest.mark.slow
 def test_oversized_inputs_get_readable_errors(servers, args, error):
     with pytest.raises(AppError) as e:
         Client(servers.local.url, verbose=False).predict(*args, api_name="/chat")

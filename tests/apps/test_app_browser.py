@@ -12,9 +12,11 @@ import pytest
 from app_helpers import Server, fixture_tokenizer, save_checkpoint
 from conftest import IN_CI, REPO
 
-from modeling_nanochat import chat_backend as cb
+from modeling_nanochat.apps import chat_backend as cb
 from modeling_nanochat.tokenizer.chat_format import render_prompt
 from modeling_nanochat.generation.tool_use import generate_batch
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m "not slow"` skips it
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 QUESTION, EXPRESSION = "What is 2 + 3?", "2+3"

@@ -71,6 +71,7 @@ def _turn(tok, text):
     return [sid("<|user_start|>"), *encode_ordinary(tok, text), sid("<|user_end|>"), sid("<|assistant_start|>")]
 
 
+@pytest.mark.slow
 def test_one_shot_prompt_prints_the_greedy_reply_of_the_newest_model(workdir, tok):
     work, model = workdir
     out = _run(work, "-p", "Why is the sky blue?")  # no --model: runs/tiny (final model, not checkpoint-5)
@@ -79,6 +80,7 @@ def test_one_shot_prompt_prints_the_greedy_reply_of_the_newest_model(workdir, to
     assert out == expected + "\n"
 
 
+@pytest.mark.slow
 def test_interactive_two_turns_clear_and_quit(workdir, tok):
     work, model = workdir
     q1, q2 = "Hello there", "And then what?"

@@ -1,12 +1,15 @@
 """bench/decode_throughput.py runs end to end on a tiny model and prints one JSON line with every path's prefill and
 per-batch decode figures (nanochat's side needs a nanochat checkout and is left out here)."""
 
+import pytest
 import json
 import os
 import subprocess
 import sys
 
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m "not slow"` skips it
 
 BATCHES = [1, 3]
 NEW_TOKENS = 6

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m "not slow"` skips it
+
 BENCH = REPO / "bench" / "pretrain_throughput.py"
 TINY = ["--depth", "2", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "2", "--vocab-size", "512",
         "--steps", "2", "--warmup", "1", "--device", "cpu", "--compile-optimizer", "off"]

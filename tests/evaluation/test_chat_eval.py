@@ -173,6 +173,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_one_and_two_processes(tiny_model_dir):
     d = tiny_model_dir
     args = ["--model", str(d / "model"), "--task", "all", "--data", str(d / "data"), "--limit", "5",
@@ -199,6 +200,7 @@ def test_cli_end_to_end_one_and_two_processes(tiny_model_dir):
     assert out2["results"] == out["results"]  # sharded by rank, gathered: the same records in the same order
 
 
+@pytest.mark.slow
 def test_cli_offline_without_data_fails_fast(tiny_model_dir):
     proc = _cli(["--model", str(tiny_model_dir / "model"), "--task", "gsm8k"], tiny_model_dir, (sys.executable,))
     assert proc.returncode == 2

@@ -246,6 +246,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_cli_one_and_two_processes(tmp_path, model, tokenizer, bundle):
     ckpt = tmp_path / "ckpt"
     convert(str(FIXTURES / "nanochat_current"), str(ckpt), tokenizer_dir=str(FIXTURES / "nanochat_tokenizer"))

@@ -86,6 +86,7 @@ def test_metric_rejects_empty(metric):
         metric.compute(predictions=[], references=[])
 
 
+@pytest.mark.slow
 def test_metric_loads_offline_in_a_fresh_process(tmp_path):
     code = ("import evaluate\n"
             f"m = evaluate.load({METRIC!r})\n"

@@ -96,12 +96,14 @@ def _check(result, logits, checkpoint):
     assert result["greedy"] == golden["greedy_naive"].tolist() == result["greedy_nocache"]
 
 
+@pytest.mark.slow
 def test_fresh_process_without_package_loads_with_trust_remote_code(checkpoint, tmp_path):
     result, logits = _load_elsewhere(sys.executable, checkpoint, tmp_path)
     assert result["version"].startswith("5.")
     _check(result, logits, checkpoint)
 
 
+@pytest.mark.slow
 def test_remote_code_runs_on_transformers_4x(checkpoint, tmp_path):
     pythons = _legacy_pythons()
     if not pythons:

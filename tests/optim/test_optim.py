@@ -301,6 +301,7 @@ def _run_workers(tmp: str, timeout: float = 120.0) -> None:
             pytest.fail(f"distributed workers did not finish in {timeout:.0f} s")
 
 
+@pytest.mark.slow
 def test_distributed_matches_single_process_and_state_roundtrips(tmp_path):
     # single-process reference fed the averaged grads
     model = dist_model()

@@ -31,7 +31,8 @@ except ImportError:
         raise
     pytest.skip("deepspeed is not installed (pip install -e '.[train]')", allow_module_level=True)
 
-from modeling_nanochat import NanoChatForCausalLM, zero  # noqa: E402
+from modeling_nanochat import NanoChatForCausalLM  # noqa: E402
+from modeling_nanochat.optim import zero  # noqa: E402
 from modeling_nanochat.optim.muon_adamw import build_param_groups  # noqa: E402
 
 WORKER = REPO / "tests" / "zero_worker.py"
@@ -191,6 +192,7 @@ def launched(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_processes_under_deepspeed(launched, name):
     run = launched(name)
@@ -207,6 +209,7 @@ def test_two_processes_under_deepspeed(launched, name):
         assert first["zero_init"], "the ZeRO-3 model was not built partitioned (zero.Init), so that case is untested"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_each_parameter_in_its_nanochat_group(launched, name):
     """Read from the live DeepSpeed optimizer on both ranks: group membership, Muon/Adam side, lr/betas/eps/wd."""
@@ -228,6 +231,7 @@ def test_each_parameter_in_its_nanochat_group(launched, name):
         assert smear["nanochat_group"] == "smear" and not smear.get("use_muon") and smear["lr"] == 0.2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_loss_falls(launched, name):
     losses = launched(name).reports[0]["losses"]
@@ -235,6 +239,7 @@ def test_loss_falls(launched, name):
     assert launched(name).reports[1]["losses"] == losses  # the global mean, the same on both ranks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_one_optimizer_step_per_accumulated_batch(launched, name):
     """With set_gradient_accumulation_boundary before each backward, DeepSpeed steps once per GAS micro-batches."""
@@ -243,6 +248,7 @@ def test_one_optimizer_step_per_accumulated_batch(launched, name):
     assert acc["engine_global_steps"] == acc["optimizer_steps"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_group_lr_set_each_step_reaches_the_update(launched, name):
     """A step with lr = 0 in every other group: exactly the parameters of the other groups move; then flipped."""
@@ -254,6 +260,7 @@ def test_group_lr_set_each_step_reaches_the_update(launched, name):
         assert check["moved"] == sorted(m for n in check["lr_on"] for m in by_name[n])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MUON_RUNS)
 def test_muon_momentum_can_be_scheduled(launched, name):
     """set_schedule(muon_momentum=1.0) freezes the momentum buffer for a step, 0.5 moves it: the value is live
@@ -265,6 +272,7 @@ def test_muon_momentum_can_be_scheduled(launched, name):
     print(f"{name}: setting only group['momentum'] takes effect: {check['group_key_only_beta_1_unchanged']}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_deepspeed_checkpoint_restores_optimizer_state(launched, name):
     """engine.save_checkpoint / load_checkpoint (the resume path under ZeRO): the same two steps after loading give
@@ -274,6 +282,7 @@ def test_deepspeed_checkpoint_restores_optimizer_state(launched, name):
     assert r["continued"][0] != r["continued"][1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_checkpoint_loads_with_from_pretrained(launched, name):
     run = launched(name)

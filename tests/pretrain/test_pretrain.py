@@ -98,6 +98,7 @@ def two_process_run(assets):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_really_run_and_learn(two_process_run):
     cfg = json.loads((two_process_run / "run_config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["distributed_type"] == "MULTI_CPU"
@@ -115,6 +116,7 @@ def test_two_processes_really_run_and_learn(two_process_run):
     assert f"| steps done | {STEPS} |" in summary and (two_process_run / "loss.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_fed_the_same_global_batches(assets, two_process_run):
     """The 2-process losses equal a plain single-process loop over both ranks' micro-batches (grad accumulation 2)."""
     tok = convert_nanochat_tokenizer(str(FIXTURES / "nanochat_tokenizer"))
@@ -150,6 +152,7 @@ def test_two_processes_equal_one_process_fed_the_same_global_batches(assets, two
     assert theirs == pytest.approx(ours, rel=0, abs=1e-5)  # measured: 7e-7 (summation order of the grad mean)
 
 
+@pytest.mark.slow
 def test_sigterm_on_two_processes_saves_and_resume_is_step_exact(assets, two_process_run):
     out = assets / "run2_interrupted"
     rc, log = _start_and_interrupt(assets, out, 2, signal.SIGTERM, after_checkpoint=3)
@@ -162,6 +165,7 @@ def test_sigterm_on_two_processes_saves_and_resume_is_step_exact(assets, two_pro
     assert cfg["resumed_from"].endswith(f"checkpoint-{max(saved)}")
 
 
+@pytest.mark.slow
 def test_sigkill_on_one_process_then_resume_is_step_exact(assets):
     full = assets / "run1"
     _run(assets, full, 1)
@@ -184,12 +188,14 @@ def _fails(assets, out, *extra):
     return p.stderr, time.time() - t0
 
 
+@pytest.mark.slow
 def test_impossible_batch_is_refused_before_compute(assets, tmp_path):
     err, _ = _fails(assets, tmp_path / "x", "--total-batch-size", "1000")
     assert "not a multiple of" in err and "--total-batch-size" in err
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten_without_a_flag(assets, two_process_run):
     before = (two_process_run / "metrics.jsonl").read_text()
     err, _ = _fails(assets, two_process_run)
@@ -197,6 +203,7 @@ def test_existing_run_is_not_overwritten_without_a_flag(assets, two_process_run)
     assert (two_process_run / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_missing_tokenizer_and_bad_data_are_clear(assets, tmp_path):
     cmd, env = _cmd(assets, tmp_path / "y", 1)
     cmd[cmd.index("--tokenizer") + 1] = str(tmp_path)
@@ -208,6 +215,7 @@ def test_missing_tokenizer_and_bad_data_are_clear(assets, tmp_path):
     assert p.returncode == 2 and "nothing-here" in p.stderr
 
 
+@pytest.mark.slow
 def test_print_plan(assets):
     cmd = [sys.executable, str(REPO / "recipes" / "pretrain.py"), "--depth", "12", "--print-plan",
            "--tokenizer", str(assets / "tok")]
@@ -217,6 +225,7 @@ def test_print_plan(assets):
     assert plan["vocab_size"] == 512 and plan["depth"] == 12 and plan["grad_accum_steps"] == 8
 
 
+@pytest.mark.slow
 def test_tensorboard_tracker_gets_the_metrics(assets, tmp_path):
     out = tmp_path / "tb"
     _run(assets, out, 1, "--num-iterations", "3", "--report-to", "tensorboard", "--run-name", "tiny")
@@ -229,6 +238,7 @@ def test_tensorboard_tracker_gets_the_metrics(assets, tmp_path):
     assert [e.step for e in acc.Scalars("val/bpb")] == [0, 3]
 
 
+@pytest.mark.slow
 def test_core_during_training(assets, tmp_path):
     from conftest import shared_path
     bundle = shared_path("core_sample")
@@ -242,6 +252,7 @@ def test_core_during_training(assets, tmp_path):
     assert "| CORE (last) |" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_corrupt_core_bundle_fails_before_training(assets, tmp_path):
     err, _ = _fails(assets, tmp_path / "x", "--core-every", "2", "--core-bundle", str(tmp_path))
     assert "CORE" in err and "--core-bundle" in err

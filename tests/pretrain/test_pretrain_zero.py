@@ -15,6 +15,8 @@ from test_pretrain import FLAGS, _free_port, _metrics, assets  # noqa: F401 - mo
 
 from modeling_nanochat import NanoChatForCausalLM
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m "not slow"` skips it
+
 STEPS = 4
 ZFLAGS = [f for f in FLAGS]
 for flag, value in (("--num-iterations", str(STEPS)), ("--device-batch-size", "2"), ("--eval-every", "2")):

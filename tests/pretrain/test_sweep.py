@@ -1,11 +1,14 @@
 """The scaling-laws and miniseries sweeps: real pretrain.py runs, rows read from each run's files, restart skips."""
 
+import pytest
 import csv
 import subprocess
 import sys
 
 from conftest import REPO
 from test_pretrain import FLAGS, _env, assets  # noqa: F401 - the module-scoped data + tokenizer fixture
+
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m "not slow"` skips it
 
 # the tiny model settings of test_pretrain minus the horizon and depth, which the sweeps set
 TINY = [f for f in FLAGS]

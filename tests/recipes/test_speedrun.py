@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: `pytest -m "not slow"` skips it
+
 REDUCED = {  # the tiny preset, shrunk by the script's own environment overrides
     "DEPTH": "2",
     "PRETRAIN_ARGS": "--num-iterations 24 --save-every 8 --eval-every 8 --core-every 12 --core-max-per-task 20",

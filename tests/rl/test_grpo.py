@@ -17,7 +17,8 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 from modeling_nanochat import NanoChatForCausalLM  # noqa: E402
-from modeling_nanochat.rl.trainer import NanoChatGRPOTrainer, gsm8k_prompt_dataset, rl_muon_setup  # noqa: E402
+from modeling_nanochat.rl.prompts import gsm8k_prompt_dataset  # noqa: E402
+from modeling_nanochat.rl.trainer import NanoChatGRPOTrainer, rl_muon_setup  # noqa: E402
 from modeling_nanochat.rl.rollout import prompt_token_ids  # noqa: E402
 from modeling_nanochat.rl.rewards import gsm8k_reward  # noqa: E402
 from modeling_nanochat.tokenizer.tokenizer import (convert_nanochat_tokenizer, encode_ordinary, load_tokenizer,  # noqa: E402
@@ -44,6 +45,7 @@ def _questions(n):
                               for i in range(n)])
 
 
+@pytest.mark.slow
 def test_recipe_runs_and_saves_a_loadable_checkpoint(tmp_path, tok):
     """recipes/grpo.py --config recipes/grpo/tiny_cpu.yaml: 2 optimizer steps on local GSM8K problems, HF checkpoint."""
     data = shared_path("gsm8k", "train_sample.jsonl")

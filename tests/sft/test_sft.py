@@ -25,6 +25,7 @@ import pytest
 import torch
 from conftest import FIXTURES, REPO, perturbed_model, shared_path, tiny_config
 
+from modeling_nanochat.checkpoints.handover import PretrainHandover
 from modeling_nanochat.checkpoints.training_state import checkpoint_path, save_checkpoint
 from modeling_nanochat.optim.muon_adamw import MuonAdamW, build_param_groups
 from modeling_nanochat.pretrain.trainer import publish_final_model
@@ -58,12 +59,11 @@ def pretrain_run(tmp_path_factory, tokenizer):
             p.grad = torch.randn(p.shape, generator=g) * 0.01
         opt.step()
     ckpt = checkpoint_path(str(out), 2)
-    trainer_state = {"step": 2, "world_size": 1,
-                     "plan": {"max_seq_len": T, "device_batch_size": B, "total_batch_size": 2 * B * T},
-                     "run_config": {"optimizer": "muonadamw", "distributed_type": "NO", "world_size": 1,
-                                    "args": {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02}}}
+    handover = PretrainHandover(max_seq_len=T, device_batch_size=B, total_batch_size=2 * B * T,
+                                base_lrs={"embedding": 0.3, "unembedding": 0.008, "matrix": 0.02, "scalar": 0.5},
+                                optimizer="muonadamw", distributed_type="NO", step=2)
     save_checkpoint(ckpt, model=model, tokenizer=tokenizer, optimizer_state=opt.state_dict(), loader_states=[{}],
-                    trainer_state=trainer_state)
+                    trainer_state={"step": 2, "world_size": 1}, handover=handover)
     publish_final_model(ckpt, str(out))
     return out
 
@@ -223,6 +223,7 @@ def test_muonadamw_groups_schedule_and_warm_start(pretrain_run, tmp_path):
         max_length=T, per_device_train_batch_size=B, total_batch_size=2 * B * T, embedding_lr=0.3,
         unembedding_lr=0.008, matrix_lr=0.02)
     assert trainer.args.gradient_accumulation_steps == 2
+    assert record["init"]["handover"]["base_lrs"]["matrix"] == 0.02
     opt = unwrap_optimizer(trainer.create_optimizer())
     assert type(opt) is MuonAdamW and opt.distributed is False  # DDP averages; the optimizer must not again
     assert record["optimizer_state"].startswith("loaded")
@@ -286,9 +287,9 @@ def test_pretraining_state_refused_with_a_reason(pretrain_run, tmp_path, tokeniz
     state_dir = zero_run / "checkpoint-2" / "training_state"
     (state_dir / "optimizer.pt").unlink()
     (state_dir / "deepspeed").mkdir()
-    ts = json.loads((state_dir / "trainer_state.json").read_text())
-    ts["run_config"].update(optimizer="muon", distributed_type="DEEPSPEED")
-    (state_dir / "trainer_state.json").write_text(json.dumps(ts))
+    record = json.loads((state_dir / "handover.json").read_text())
+    record.update(optimizer="muon", distributed_type="DEEPSPEED")
+    (state_dir / "handover.json").write_text(json.dumps(record))
     trainer, record = build_trainer(_args(tmp_path), str(zero_run))
     assert not unwrap_optimizer(trainer.create_optimizer()).state  # the warm start happens when it is created
     assert record["optimizer_state"].startswith("fresh") and "DeepSpeed" in record["optimizer_state"]
@@ -326,6 +327,7 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_recipe_trains_on_tool_conversations_and_saves_a_loadable_model(pretrain_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -409,6 +411,7 @@ def ddp_run(pretrain_run, tmp_path_factory):
     return out, _two_processes(pretrain_run, out)
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_save(ddp_run, mixture):
     from transformers import AutoModelForCausalLM
 
@@ -420,6 +423,7 @@ def test_two_processes_train_and_save(ddp_run, mixture):
     assert AutoModelForCausalLM.from_pretrained(str(out / "checkpoint-2")) is not None
 
 
+@pytest.mark.slow
 def test_two_processes_sharded_optimizer_is_the_same_math(ddp_run, pretrain_run, tmp_path):
     """nanochat's layout (no DDP all-reduce, MuonAdamW reduce-scatters and keeps sharded state): its collective
     state_dict must not hang Trainer's rank-0 save, and training matches the DDP path."""
@@ -434,6 +438,7 @@ def test_two_processes_sharded_optimizer_is_the_same_math(ddp_run, pretrain_run,
         torch.testing.assert_close(sharded[name], ddp[name], rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_default_recipe_offline_without_data_fails_fast_and_clearly(pretrain_run, tmp_path):
     cmd = [sys.executable, "recipes/sft.py", "--config", "recipes/sft/default.yaml", "--model_name_or_path",
            str(pretrain_run), "--output_dir", str(tmp_path / "out")]
@@ -442,6 +447,7 @@ def test_default_recipe_offline_without_data_fails_fast_and_clearly(pretrain_run
     assert "HF_HUB_OFFLINE=1" in p.stderr and "--data_dir DIR" in p.stderr
 
 
+@pytest.mark.slow
 def test_recipe_with_lora_trains_only_adapters_and_merges(pretrain_run, tmp_path):
     """use_peft on the faithful recipe: MuonAdamW gets only the adapters, the output is an adapter dir, and the merged
     export loads like any checkpoint and differs from the base exactly where the adapters sit."""

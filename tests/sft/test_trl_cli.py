@@ -159,6 +159,7 @@ def test_checkpoint_architecture_is_not_a_transformers_class(base_ckpt):
         "checkpoint's code; our model classes need names of their own")
 
 
+@pytest.mark.slow
 def test_trl_sft_cli(work, base_ckpt, sft_data):
     out = work / "sft_out"
     run_trl(work, "sft", "sft_tiny.yaml", "--model_name_or_path", str(base_ckpt), "--dataset_name", str(sft_data),
@@ -169,6 +170,7 @@ def test_trl_sft_cli(work, base_ckpt, sft_data):
     assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
 
 
+@pytest.mark.slow
 def test_trl_grpo_cli(work, base_ckpt, grpo_data):
     out = work / "grpo_out"
     log = run_trl(work, "grpo", "grpo_tiny.yaml", "--model_name_or_path", str(base_ckpt), "--dataset_name",
@@ -208,7 +210,8 @@ def test_lora_sft_trains_only_adapters(base_ckpt, sft_data, tmp_path):
     from datasets import load_dataset
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
 
-    from modeling_nanochat import NanoChatForCausalLM, lora
+    from modeling_nanochat import NanoChatForCausalLM
+    from modeling_nanochat.adapters import lora
     from modeling_nanochat.tokenizer.tokenizer import load_tokenizer
 
     parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig))
@@ -246,6 +249,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_trl_lora_cli_and_merged_export(work, base_ckpt, sft_data):
     """`trl sft` with use_peft saves an adapter of nanochat's block matrices; `python -m modeling_nanochat.adapters.lora merge`
     writes a checkpoint that a process without our package loads by remote code, with the PEFT model's logits.
@@ -255,7 +259,8 @@ def test_trl_lora_cli_and_merged_export(work, base_ckpt, sft_data):
     differs by ~2.5e-5 between an fp32 and an fp64 forward."""
     from peft import PeftModel
 
-    from modeling_nanochat import NanoChatForCausalLM, lora
+    from modeling_nanochat import NanoChatForCausalLM
+    from modeling_nanochat.adapters import lora
 
     adapter = work / "lora_out"
     run_trl(work, "sft", "sft_lora_tiny.yaml", "--model_name_or_path", str(base_ckpt), "--dataset_name",

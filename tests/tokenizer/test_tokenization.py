@@ -181,6 +181,7 @@ def test_recipe_trains_from_jsonl_and_parquet(tmp_path, sample_docs):
         train(["--data", str(tmp_path / "docs.parquet"), "--output-dir", str(tmp_path / "x"), "--text-column", "body"])
 
 
+@pytest.mark.slow
 def test_recipe_reports_bad_input_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "recipes/tokenizer.py"), "--data", str(tmp_path / "no.parquet"),
                         "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
