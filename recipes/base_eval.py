@@ -60,6 +60,7 @@ def main(argv=None) -> dict:
     from evaluation.samples import SAMPLE_PROMPTS, greedy_completions
     from modeling_nanochat.data.loader import PretrainLoader, resolve_data
     from modeling_nanochat.tokenizer.tokenizer import load_tokenizer, token_bytes_of
+    from modeling_nanochat.utils.io import atomic_write
 
     cores = {}
     for spec in ([] if args.no_core else args.core or ["core=default"]):
@@ -98,11 +99,7 @@ def main(argv=None) -> dict:
         out["samples"] = [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]
         print("\nsamples:\n" + "\n".join(f"  {t!r}" for t in texts))
         if args.output:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            tmp = args.output + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(out, f, indent=2)
-            os.replace(tmp, args.output)
+            atomic_write(args.output, json.dumps(out, indent=2))
     state.wait_for_everyone()
     return out
 

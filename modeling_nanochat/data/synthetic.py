@@ -39,8 +39,9 @@ import argparse
 import json
 import os
 import random
-import shutil
 from pathlib import Path
+
+from modeling_nanochat.utils.io import atomic_dir
 
 FORMAT_VERSION = 1
 TASKS = {
@@ -427,59 +428,57 @@ def generate(output_dir: str | os.PathLike, *, seed: int = 0, docs: int = 6000, 
                               "another --output-dir")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a synthetic data dir; remove it or pick another --output-dir")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # built under a temp name and renamed into place (utils/io.atomic_dir): a crash leaves no half-written dir
+    with atomic_dir(out, overwrite=True) as tmp_dir:  # overwrite: only an empty dir can be here (checked above)
+        tmp = Path(tmp_dir)
 
-    # eval items first, so training items can exclude them (held out by question text)
-    seen_mc, seen_arith = set(), set()
-    eval_mc = _distinct(mc_question, random.Random(seed * 1000 + 1), eval_items, seen_mc,
-                        key=lambda r: (r["question"], tuple(r["choices"])))
-    eval_arith = _distinct(word_problem, random.Random(seed * 1000 + 2), eval_items, seen_arith,
-                           key=lambda r: r["question"])
-    seen_chat = set()
-    eval_chat = _distinct(chat_question, random.Random(seed * 1000 + 3), eval_items, seen_chat,
-                          key=lambda r: r["question"])
-    _write_jsonl(tmp / "chat_eval" / "synth_chat.jsonl", eval_chat)
-    _write_jsonl(tmp / "chat_eval" / "mmlu.jsonl", eval_mc)
-    _write_jsonl(tmp / "chat_eval" / "gsm8k.jsonl", [{"question": r["question"], "answer": r["answer"]}
-                                                      for r in eval_arith])
-    write_core_bundle(tmp / "core", seed, core_items)
+        # eval items first, so training items can exclude them (held out by question text)
+        seen_mc, seen_arith = set(), set()
+        eval_mc = _distinct(mc_question, random.Random(seed * 1000 + 1), eval_items, seen_mc,
+                            key=lambda r: (r["question"], tuple(r["choices"])))
+        eval_arith = _distinct(word_problem, random.Random(seed * 1000 + 2), eval_items, seen_arith,
+                               key=lambda r: r["question"])
+        seen_chat = set()
+        eval_chat = _distinct(chat_question, random.Random(seed * 1000 + 3), eval_items, seen_chat,
+                              key=lambda r: r["question"])
+        _write_jsonl(tmp / "chat_eval" / "synth_chat.jsonl", eval_chat)
+        _write_jsonl(tmp / "chat_eval" / "mmlu.jsonl", eval_mc)
+        _write_jsonl(tmp / "chat_eval" / "gsm8k.jsonl", [{"question": r["question"], "answer": r["answer"]}
+                                                          for r in eval_arith])
+        write_core_bundle(tmp / "core", seed, core_items)
 
-    rng = random.Random(seed * 1000 + 10)  # pretraining text
-    (tmp / "pretrain").mkdir(parents=True)
-    texts = [document(rng) for _ in range(docs)]
-    for k in range(0, docs, docs_per_shard):
-        table = pa.table({"text": texts[k:k + docs_per_shard]})
-        pq.write_table(table, tmp / "pretrain" / f"shard_{k // docs_per_shard:05d}.parquet", row_group_size=256)
+        rng = random.Random(seed * 1000 + 10)  # pretraining text
+        (tmp / "pretrain").mkdir(parents=True)
+        texts = [document(rng) for _ in range(docs)]
+        for k in range(0, docs, docs_per_shard):
+            table = pa.table({"text": texts[k:k + docs_per_shard]})
+            pq.write_table(table, tmp / "pretrain" / f"shard_{k // docs_per_shard:05d}.parquet", row_group_size=256)
 
-    (tmp / "sample.txt").write_text("\n\n".join(texts[-50:]) + "\n")  # val documents, for tokenizer reports
+        (tmp / "sample.txt").write_text("\n\n".join(texts[-50:]) + "\n")  # val documents, for tokenizer reports
 
-    rng = random.Random(seed * 1000 + 20)  # chat
-    held_out = frozenset(seen_chat)
-    _write_jsonl(tmp / "sft" / "smoltalk" / "train.jsonl", [chat_conversation(rng, held_out) for _ in range(chats)])
-    _write_jsonl(tmp / "sft" / "smoltalk" / "test.jsonl",
-                 [chat_conversation(rng, held_out) for _ in range(chats // 10)])
-    _write_jsonl(tmp / "sft" / "tools.jsonl", [tool_conversation(rng) for _ in range(tool_chats)])
-    mc = _distinct(mc_question, random.Random(seed * 1000 + 30), mc_train + mc_train // 10, seen_mc,
-                   key=lambda r: (r["question"], tuple(r["choices"])))
-    _write_jsonl(tmp / "sft" / "mmlu" / "auxiliary_train.jsonl", mc[:mc_train])
-    _write_jsonl(tmp / "sft" / "mmlu" / "test.jsonl", mc[mc_train:])
-    def strip(rows):
-        return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+        rng = random.Random(seed * 1000 + 20)  # chat
+        held_out = frozenset(seen_chat)
+        _write_jsonl(tmp / "sft" / "smoltalk" / "train.jsonl", [chat_conversation(rng, held_out) for _ in range(chats)])
+        _write_jsonl(tmp / "sft" / "smoltalk" / "test.jsonl",
+                     [chat_conversation(rng, held_out) for _ in range(chats // 10)])
+        _write_jsonl(tmp / "sft" / "tools.jsonl", [tool_conversation(rng) for _ in range(tool_chats)])
+        mc = _distinct(mc_question, random.Random(seed * 1000 + 30), mc_train + mc_train // 10, seen_mc,
+                       key=lambda r: (r["question"], tuple(r["choices"])))
+        _write_jsonl(tmp / "sft" / "mmlu" / "auxiliary_train.jsonl", mc[:mc_train])
+        _write_jsonl(tmp / "sft" / "mmlu" / "test.jsonl", mc[mc_train:])
+        def strip(rows):
+            return [{"question": r["question"], "answer": r["answer"]} for r in rows]
 
-    sft_arith = _distinct(lambda r: word_problem(r, SFT_KIND_WEIGHTS), random.Random(seed * 1000 + 40),
-                          arith_train + arith_train // 10, seen_arith, key=lambda r: r["question"])
-    _write_jsonl(tmp / "sft" / "gsm8k" / "train.jsonl", strip(sft_arith[:arith_train]))
-    _write_jsonl(tmp / "sft" / "gsm8k" / "test.jsonl", strip(sft_arith[arith_train:]))
-    rl_arith = _distinct(word_problem, random.Random(seed * 1000 + 50), grpo_items, seen_arith,
-                         key=lambda r: r["question"])
-    _write_jsonl(tmp / "grpo" / "train.jsonl", strip(rl_arith))
+        sft_arith = _distinct(lambda r: word_problem(r, SFT_KIND_WEIGHTS), random.Random(seed * 1000 + 40),
+                              arith_train + arith_train // 10, seen_arith, key=lambda r: r["question"])
+        _write_jsonl(tmp / "sft" / "gsm8k" / "train.jsonl", strip(sft_arith[:arith_train]))
+        _write_jsonl(tmp / "sft" / "gsm8k" / "test.jsonl", strip(sft_arith[arith_train:]))
+        rl_arith = _distinct(word_problem, random.Random(seed * 1000 + 50), grpo_items, seen_arith,
+                             key=lambda r: r["question"])
+        _write_jsonl(tmp / "grpo" / "train.jsonl", strip(rl_arith))
 
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (tmp / "README.md").write_text(__doc__)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "README.md").write_text(__doc__)
     return manifest
 
 

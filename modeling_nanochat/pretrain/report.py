@@ -8,15 +8,14 @@ Reads only `run_config.json` and `metrics.jsonl`, so it works on runs from other
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from modeling_nanochat.utils.plotting import pyplot
-from modeling_nanochat.utils.run_files import read_metrics
+from modeling_nanochat.utils.run_files import read_json, read_metrics
 
 
 def _load(out_dir: Path):
-    cfg = json.loads((out_dir / "run_config.json").read_text())
+    cfg = read_json(out_dir / "run_config.json", required=True)
     return cfg, read_metrics(out_dir / "metrics.jsonl")
 
 
@@ -33,7 +32,7 @@ def write_run_report(out_dir: str | Path) -> Path:
     lines = [
         f"# Pretraining run `{out_dir.name}`", "",
         "| setting | value |", "|---|---|",
-        f"| depth / width | {plan['depth']} / {json.loads((out_dir / 'config.json').read_text())['hidden_size'] if (out_dir / 'config.json').exists() else '?'} |",
+        f"| depth / width | {plan['depth']} / {(read_json(out_dir / 'config.json') or {}).get('hidden_size', '?')} |",
         f"| parameters (scaling) | {c['total']:,} ({plan['num_scaling_params']:,}) |",
         f"| world size, optimizer | {cfg['world_size']} ({cfg['distributed_type']}), {cfg['optimizer']} |",
         f"| batch | {plan['total_batch_size']:,} tokens ({plan['device_batch_size']} x {plan['max_seq_len']} x "

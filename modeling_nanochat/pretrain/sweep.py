@@ -9,7 +9,6 @@ again, so an interrupted sweep just continues), and summarised in `results.md` a
 from __future__ import annotations
 
 import csv
-import json
 import shlex
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 from modeling_nanochat.utils.plotting import pyplot
-from modeling_nanochat.utils.run_files import read_metrics
+from modeling_nanochat.utils.run_files import read_json, read_metrics
 
 PRETRAIN = Path(__file__).resolve().parents[2] / "recipes" / "pretrain.py"
 COLUMNS = ("label", "depth", "target_flops", "model_dim", "params_total", "params_scaling", "params_wte",
@@ -34,14 +33,14 @@ def run_point(out_dir: Path, launcher: str, pretrain_args: list[str]) -> None:
 
 
 def collect(out_dir: Path, label: str, target_flops: float | None, wall: float) -> dict:
-    cfg = json.loads((out_dir / "run_config.json").read_text())
+    cfg = read_json(out_dir / "run_config.json", required=True)
     plan = cfg["plan"]
     rows = read_metrics(out_dir / "metrics.jsonl")
     val = [r["val_bpb"] for r in rows if "val_bpb" in r]
     core = [r["core"] for r in rows if "core" in r]
     times = [r["total_training_time"] for r in rows if "total_training_time" in r]
     c = plan["param_counts"]
-    config = json.loads((out_dir / "config.json").read_text())
+    config = read_json(out_dir / "config.json", required=True)
     return {
         "label": label, "depth": plan["depth"], "target_flops": target_flops if target_flops else "",
         "model_dim": config["hidden_size"], "params_total": c["total"], "params_scaling": plan["num_scaling_params"],

@@ -15,11 +15,15 @@ from transformers import TrainerCallback
 from modeling_nanochat.utils.io import atomic_write
 
 
-def read_json(path):
-    """A run's JSON file (run_config.json, an eval result, ...), or None when it is missing or unreadable."""
+def read_json(path, required: bool = False):
+    """A run's JSON file (run_config.json, an eval result, ...), or None when it is missing or unreadable; with
+    `required`, a FileNotFoundError naming the file instead."""
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        if required:
+            raise FileNotFoundError(f"{path} is missing or unreadable ({e}): is this a finished run's directory?") \
+                from e
         return None
 
 
