@@ -193,8 +193,9 @@ class NanoChatConfig(_BaseConfig):
         # Keys only written for servers/readers; they are re-derived below and checked for consistency.
         for derived in ("padded_vocab_size", "backout_layer", "use_sliding_window"):
             kwargs.pop(derived, None)
-        self._set_sizes(_num_layers(depth, num_hidden_layers), aspect_ratio, head_dim, hidden_size, num_attention_heads, num_key_value_heads,
-                        intermediate_size, vocab_size, pad_vocab_size_to, max_position_embeddings)
+        self._set_sizes(_num_layers(depth, num_hidden_layers), aspect_ratio, head_dim, hidden_size,
+                        num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, pad_vocab_size_to,
+                        max_position_embeddings)
         self._set_windows(window_pattern, short_window, long_window, layer_types, sliding_window)
         self._set_value_embeds(value_embeds, value_embed_layers, ve_gate_channels, ve_gate_scale)
         self.residual_lambdas = bool(residual_lambdas)

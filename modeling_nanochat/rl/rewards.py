@@ -14,7 +14,8 @@ dropped) equals, as a string, the one in the reference solution's last text part
 
 The dataset needs an ``answer`` column holding GSM8K's reference solution (or just its ``#### N`` line).
 
-``recipes/grpo.py`` picks its rewards by name (``reward_funcs: [gsm8k]``; its prompts, by name, in ``rl/prompts.py``) through :func:`resolve_rewards`: a name in
+``recipes/grpo.py`` picks its rewards by name (``reward_funcs: [gsm8k]``; its prompts, by name, in
+``rl/prompts.py``) through :func:`resolve_rewards`: a name in
 :data:`REWARDS` (add one with :func:`register_reward`) or a dotted path ``package.module.function`` to any function
 with TRL's reward signature. The stock ``trl grpo`` CLI does not know these names (only its own and dotted paths).
 """
