@@ -73,7 +73,7 @@ def main(rl_args, training_args, model_args):
     from modeling_nanochat.rl.trainer import NanoChatGRPOTrainer, rl_muon_setup
     from modeling_nanochat.rl.rewards import resolve_rewards
     from modeling_nanochat.utils.distributed import world_size
-    from modeling_nanochat.utils.run_files import MetricsFileCallback
+    from modeling_nanochat.optim.trainer_mixin import MetricsFileCallback
     from modeling_nanochat.tokenizer.tokenizer import load_tokenizer
 
     if not model_args.model_name_or_path:

@@ -32,16 +32,19 @@ Also here: ``load_optimizer_state`` (warm-start from a pretraining checkpoint's 
 
 from __future__ import annotations
 
+import math
 import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import TrainerCallback
 
 from modeling_nanochat.optim.muon_adamw import MuonAdamW, build_param_groups
 from modeling_nanochat.optim.schedules import NanoChatSchedule, constant_schedule
 from modeling_nanochat.utils.distributed import rank_world
+from modeling_nanochat.utils.run_files import MetricsLog
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Parameter groups and the optimizer
@@ -210,5 +213,21 @@ def load_optimizer_state(optimizer, state: dict, *, keep: tuple[str, ...] = ("lr
     return None
 
 
-__all__ = ["MuonAdamWTrainerMixin", "MuonAdamWSetup", "nanochat_param_groups", "load_optimizer_state",
+
+class MetricsFileCallback(TrainerCallback):
+    """For TRL/transformers trainers (SFT, GRPO): every log line also goes to ``<output_dir>/metrics.jsonl`` (main
+    process) through utils/run_files.MetricsLog, as the pretraining loop writes it."""
+
+    def __init__(self, path: str):
+        self.path, self.log = path, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.log = MetricsLog(self.path, state.is_world_process_zero, truncate_from=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.log is not None and logs:
+            self.log.write(step=state.global_step, **{k: v for k, v in logs.items()
+                                                      if isinstance(v, (int, float)) and math.isfinite(v)})
+
+__all__ = ["MuonAdamWTrainerMixin", "MuonAdamWSetup", "MetricsFileCallback", "nanochat_param_groups", "load_optimizer_state",
            "optimizer_state_mismatch", "unwrap_optimizer", "state_dict_is_collective"]

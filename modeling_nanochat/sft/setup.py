@@ -205,11 +205,10 @@ def build_trainer(args, model_name_or_path: str, model_args=None):
 
     from modeling_nanochat.adapters import lora
     from modeling_nanochat.optim.schedules import sft_lr_schedule, sft_muon_momentum
-    from modeling_nanochat.optim.trainer_mixin import MuonAdamWSetup, nanochat_param_groups
+    from modeling_nanochat.optim.trainer_mixin import MetricsFileCallback, MuonAdamWSetup, nanochat_param_groups
     from modeling_nanochat.sft.collator import PackedSFTCollator
     from modeling_nanochat.sft.trainer import NanoChatSFTTrainer
     from modeling_nanochat.tokenizer.tokenizer import special_token_id
-    from modeling_nanochat.utils.run_files import MetricsFileCallback
 
     if not model_name_or_path:
         raise SFTSetupError("--model_name_or_path is required: a pretraining run directory or checkpoint")

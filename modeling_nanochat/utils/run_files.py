@@ -1,16 +1,13 @@
 """The files a run writes and others read: `metrics.jsonl` (one JSON object per logged step) and JSON records
 (run_config.json, eval results, stage records). Pretraining, SFT and RL write metrics through `MetricsLog` (SFT and
-RL via `MetricsFileCallback` in their TRL trainers); reports, sweeps and publishing read them with `read_metrics` /
+RL via `optim/trainer_mixin.MetricsFileCallback` in their TRL trainers); reports, sweeps and publishing read them with `read_metrics` /
 `read_json`."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 from modeling_nanochat.utils.io import atomic_write
 
@@ -52,19 +49,3 @@ class MetricsLog:
         if self.enabled:
             self.f.write(json.dumps(record) + "\n")
             self.f.flush()
-
-
-class MetricsFileCallback(TrainerCallback):
-    """For TRL/transformers trainers (SFT, GRPO): every log line also goes to ``<output_dir>/metrics.jsonl`` (main
-    process), as the pretraining loop writes it."""
-
-    def __init__(self, path: str):
-        self.path, self.log = path, None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.log = MetricsLog(self.path, state.is_world_process_zero, truncate_from=state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.log is not None and logs:
-            self.log.write(step=state.global_step, **{k: v for k, v in logs.items()
-                                                      if isinstance(v, (int, float)) and math.isfinite(v)})
