@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import gradio as gr
 
 from modeling_nanochat.apps import chat_backend as cb
 from modeling_nanochat.apps.chat import load
+from modeling_nanochat.utils.errors import NanochatError
 
 EXAMPLES = [
     ["Why is the sky blue?"],
@@ -42,11 +44,21 @@ def limited_slider(lo: float, hi: float, label: str, **kwargs) -> gr.Slider:
     def checked(payload):
         try:
             return preprocess(payload)
-        except gr.Error:
-            raise gr.Error(f"{label} must be between {lo} and {hi}, got {payload!r}.") from None
+        except (gr.Error, TypeError, ValueError):  # out of range, or not a number at all ("abc", a list)
+            raise gr.Error(f"{label} must be between {lo} and {hi}, got {payload!r}.", print_exception=False) \
+                from None
 
     slider.preprocess = checked
     return slider
+
+
+def message_box() -> gr.Textbox:
+    """The message textbox. An API call may send null as the message: Gradio's ChatInterface would fail on it
+    with "'NoneType' object has no attribute 'get'"; as "" it gets the empty-message limit's own message."""
+    box = gr.Textbox(placeholder="Ask something…", max_length=cb.MAX_MESSAGE_CHARS, submit_btn=True, stop_btn=True)
+    preprocess = box.preprocess
+    box.preprocess = lambda payload: "" if payload is None else preprocess(payload)
+    return box
 
 
 def build_demo(backend, *, description: str, temperature: float = cb.DEFAULT_TEMPERATURE,
@@ -62,16 +74,15 @@ def build_demo(backend, *, description: str, temperature: float = cb.DEFAULT_TEM
             for parts in backend.stream(msgs, temperature, top_k, max_tokens):
                 yield cb.parts_to_messages(parts, done=False) or ""
             yield cb.parts_to_messages(parts) or ""
-        except (cb.InputError, cb.EndpointError) as e:
-            raise gr.Error(str(e)) from None
+        except (NanochatError, cb.EndpointError) as e:  # InputError, ModelUnavailable: for the user
+            raise gr.Error(str(e), print_exception=False) from None  # a user's mistake: no traceback in the log
 
     lo_t, hi_t = cb.TEMPERATURE_RANGE
     lo_k, hi_k = cb.TOP_K_RANGE
     lo_m, hi_m = cb.MAX_TOKENS_RANGE
     return gr.ChatInterface(
         respond,
-        textbox=gr.Textbox(placeholder="Ask something…", max_length=cb.MAX_MESSAGE_CHARS, submit_btn=True,
-                           stop_btn=True),
+        textbox=message_box(),
         additional_inputs=[
             limited_slider(lo_t, hi_t, "Temperature", value=temperature, step=0.05,
                            info="0 = greedy (always the most likely token)"),
@@ -100,6 +111,9 @@ def parse_args(argv=None):
     p.add_argument("--endpoint-model", default=os.environ.get("NANOCHAT_ENDPOINT_MODEL"),
                    help="model name to send to the endpoint (default: $NANOCHAT_ENDPOINT_MODEL, else the first of "
                    "the server's /v1/models)")
+    p.add_argument("--endpoint-timeout", type=float, default=float(os.environ.get("NANOCHAT_ENDPOINT_TIMEOUT", 600)),
+                   help="seconds to wait for the endpoint's answer, and between streamed chunks, before the chat "
+                   "fails with a message (default: $NANOCHAT_ENDPOINT_TIMEOUT, else 600)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
@@ -117,6 +131,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.model is None and args.endpoint is None:
         args.endpoint = os.environ.get("NANOCHAT_ENDPOINT") or None
+    if not args.endpoint_timeout > 0:
+        p.error(f"--endpoint-timeout must be a positive number of seconds, got {args.endpoint_timeout}")
     try:
         cb.check_request([{"role": "user", "content": "x"}], args.temperature, args.top_k, args.max_tokens)
     except cb.InputError as e:
@@ -127,7 +143,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.endpoint:
-        backend = cb.EndpointChat(args.endpoint, model=args.endpoint_model)
+        backend = cb.EndpointChat(args.endpoint, model=args.endpoint_model, timeout=args.endpoint_timeout)
         description = (f"Plain chat with the server at `{args.endpoint}`. Servers decode with special tokens "
                        "skipped and run no tool, so **calculator calls are not executed** here and top-k is not "
                        "sent (the OpenAI chat API has none); run `python app.py --model …` for tool use.")
@@ -135,9 +151,14 @@ def main(argv=None):
     else:
         model_id = cb.resolve_model(args.model, args.runs_dir)
         print(f"loading {model_id}", flush=True)
-        backend = cb.LocalChat(*load(model_id, args.device))
-        description = (f"Model `{model_id}`, run locally with nanochat's calculator tool (calls and results show "
-                       "as calculator blocks). Small models say odd things: this is a research toy.")
+        try:
+            backend = cb.LocalChat(*load(model_id, args.device))
+            description = (f"Model `{model_id}`, run locally with nanochat's calculator tool (calls and results "
+                           "show as calculator blocks). Small models say odd things: this is a research toy.")
+        except (NanochatError, OSError) as e:  # a broken checkpoint: the page still loads and says what is wrong
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+            backend = cb.UnavailableChat(model_id, e)
+            description = backend.description()
         concurrency = args.concurrency or 1
     demo = build_demo(backend, description=description, temperature=args.temperature, top_k=args.top_k,
                       max_tokens=args.max_tokens, concurrency=concurrency)

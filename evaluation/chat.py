@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from modeling_nanochat.tokenizer.chat_format import render_for_completion
 from modeling_nanochat.utils.distributed import rank_world
 from modeling_nanochat.utils.dtypes import torch_dtype
+from modeling_nanochat.utils.errors import cli_main
 from modeling_nanochat.tokenizer.tokenizer import encode_ordinary, special_token_id
 from modeling_nanochat.generation.tool_use import generate_batch
 
@@ -255,12 +256,17 @@ def _parse(argv):
 
 
 def main(argv=None) -> int:
+    return cli_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from accelerate import PartialState
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    import modeling_nanochat  # noqa: F401 - registers nanochat_hf with the Auto classes
+    from modeling_nanochat.checkpoints.model_dirs import load_model, load_model_tokenizer
+    from modeling_nanochat.utils.io import atomic_write
 
     on_cpu = (args.device or "").startswith("cpu") or not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)  # starts torch.distributed under torchrun / accelerate launch (gloo on CPU)
@@ -275,9 +281,10 @@ def main(argv=None) -> int:
     if state.is_main_process:
         logger.info("ChatCORE: %s on %s (%s), %d process(es), tasks %s", args.model, device, dtype,
                     rank_world()[1], ", ".join(t.title for t in tasks.values()))
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, AutoModelForCausalLM, dtype=dtype, trust_remote_code=args.trust_remote_code)
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_model_tokenizer(args.tokenizer or args.model, config=model.config,
+                                     trust_remote_code=args.trust_remote_code)
     out = evaluate_chat(model, tokenizer, tasks=list(tasks.values()), limit=args.limit, batch_size=args.batch_size,
                         num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, progress=not args.no_progress)
@@ -290,9 +297,7 @@ def main(argv=None) -> int:
                 from .sandbox import capabilities
 
                 out["sandbox"] = capabilities()
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with open(args.output, "w") as f:
-                json.dump(out, f, indent=2, ensure_ascii=False)
+            atomic_write(args.output, json.dumps(out, indent=2, ensure_ascii=False))  # never half-written
             logger.info("wrote %s", args.output)
     state.wait_for_everyone()
     return 0

@@ -17,9 +17,7 @@ GPT-2's 1024) gets longer prompts cut from the left, and those are counted in "c
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 
 import torch
@@ -28,8 +26,9 @@ from tqdm.auto import tqdm
 
 from modeling_nanochat.utils.distributed import rank_world
 from modeling_nanochat.utils.dtypes import torch_dtype
+from modeling_nanochat.utils.errors import cli_main
 
-from .core_bundle import BundleError, CoreTask, Row, ensure_bundle, load_bundle, load_rows
+from .core_bundle import CoreTask, Row, ensure_bundle, load_bundle, load_rows
 from .core_prompts import PromptEncoder, Request, build_requests
 from .core_score import core_summary
 from .core_scoring import Scorer, SequenceScore, crop_left, position_limit
@@ -184,12 +183,17 @@ def _parse(argv):
 
 
 def main(argv=None) -> int:
+    return cli_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from accelerate import PartialState
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    import modeling_nanochat  # noqa: F401 - registers nanochat_hf with the Auto classes
+    from modeling_nanochat.checkpoints.model_dirs import load_model, load_model_tokenizer
+    from modeling_nanochat.utils.io import atomic_write_json
 
     # starts torch.distributed under torchrun / accelerate launch; on CPU only with cpu=True (else it stays one
     # process per launch, silently)
@@ -200,23 +204,18 @@ def main(argv=None) -> int:
     dtype = torch_dtype(args.dtype, device)
     if rank == 0:
         logger.info("CORE: %s on %s (%s), %d process(es)", args.model, device, dtype, world)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, AutoModelForCausalLM, dtype=dtype, trust_remote_code=args.trust_remote_code)
     model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    try:
-        out = evaluate_core(model, tokenizer, args.bundle, max_per_task=args.max_per_task,
-                            tasks=args.tasks.split(",") if args.tasks else None, batch_size=args.batch_size,
-                            max_batch_tokens=args.max_batch_tokens, device=device, max_length=args.max_length,
-                            progress=not args.no_progress)
-    except BundleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tokenizer = load_model_tokenizer(args.tokenizer or args.model, config=model.config,
+                                     trust_remote_code=args.trust_remote_code)
+    out = evaluate_core(model, tokenizer, args.bundle, max_per_task=args.max_per_task,
+                        tasks=args.tasks.split(",") if args.tasks else None, batch_size=args.batch_size,
+                        max_batch_tokens=args.max_batch_tokens, device=device, max_length=args.max_length,
+                        progress=not args.no_progress)
     if rank == 0:
         print(format_table(out))
         if args.output:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with open(args.output, "w") as f:
-                json.dump(out, f, indent=2)
+            atomic_write_json(args.output, out)  # a killed run leaves no half-written result
             logger.info("wrote %s", args.output)
     if dist.is_initialized():
         dist.destroy_process_group()

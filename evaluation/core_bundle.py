@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from modeling_nanochat.utils.errors import NanochatError
+
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 SHUFFLE_SEED = 1337  # nanochat's: fixes which rows a --max-per-task subsample keeps
 DEFAULT_DELIMITER = " "
@@ -39,7 +41,7 @@ TASK_FIELDS = {
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
-class BundleError(ValueError):
+class BundleError(NanochatError):
     """The bundle is missing or malformed; the message names the file (and line) and the fix."""
 
 
@@ -164,8 +166,9 @@ def _task_from_entry(entry, where: str, data_root: Path, baselines: dict[str, fl
         raise BundleError(f"{where}: task lacks {missing}")
     label, task_type = str(entry["label"]), entry["icl_task_type"]
     if task_type not in TASK_FIELDS:
-        raise BundleError(f"{where}: task {label!r} has unknown icl_task_type {task_type!r}; "
-                          f"CORE knows {', '.join(TASK_FIELDS)}")
+        raise BundleError(f"{where}: task {label!r} has unknown icl_task_type {task_type!r}",
+                          f"set it to one of the types CORE knows ({', '.join(TASK_FIELDS)}), or remove the task "
+                          "from core.yaml")
     shots = entry["num_fewshot"]
     shots = shots[0] if isinstance(shots, list) and shots else shots  # DCLM lists it; nanochat uses the first
     if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
@@ -175,7 +178,9 @@ def _task_from_entry(entry, where: str, data_root: Path, baselines: dict[str, fl
         raise BundleError(f"{where}: task {label!r}: continuation_delimiter must be a string")
     data_path = data_root / str(entry["dataset_uri"])
     if not data_path.is_file():
-        raise BundleError(f"{where}: task {label!r}: data file {data_path} is missing")
+        raise BundleError(f"{where}: task {label!r}: data file {data_path} is missing",
+                          f"restore it from nanochat's bundle ({EVAL_BUNDLE_URL}), correct dataset_uri (relative to "
+                          f"{data_root}), or remove the task from core.yaml")
     if label not in baselines:
         raise BundleError(f"{csv_path}: no row for task {label!r} (named at {where}); add its Random baseline")
     return CoreTask(label, task_type, shots, delimiter, baselines[label], data_path, where)
@@ -232,18 +237,20 @@ def _check_row(row, task_type: str, where: str) -> None:
 def load_rows(task: CoreTask, max_per_task: int = -1) -> list[Row]:
     """The rows nanochat evaluates: all rows, shuffled with Random(1337), cut to max_per_task when > 0.
     Blank lines are skipped (nanochat would stop on them); anything else that is not a valid row raises."""
+    from modeling_nanochat.data.files import read_lines
+
     rows = []
-    with open(task.data_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{task.data_path}:{lineno}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BundleError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-            _check_row(data, task.task_type, where)
-            rows.append(Row(data, where))
+    for lineno, line in read_lines(task.data_path):  # bytes that are not UTF-8: DataError naming file:line
+        if not line.strip():
+            continue
+        where = f"{task.data_path}:{lineno}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{where}: not valid JSON ({e.msg}, column {e.colno})",
+                              "repair or delete that line: each line is one JSON object") from None
+        _check_row(data, task.task_type, where)
+        rows.append(Row(data, where))
     random.Random(SHUFFLE_SEED).shuffle(rows)
     if max_per_task > 0:
         rows = rows[:max_per_task]

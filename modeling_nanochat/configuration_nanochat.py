@@ -230,6 +230,11 @@ class NanoChatConfig(_BaseConfig):
     def _set_sizes(self, num_layers, aspect_ratio, head_dim, hidden_size, num_attention_heads, num_key_value_heads,
                    intermediate_size, vocab_size, pad_vocab_size_to, max_position_embeddings):
         # --- sizes: the depth dial, unless given explicitly -------------------------------------------------
+        for name, value in (("aspect_ratio", aspect_ratio), ("head_dim", head_dim), ("hidden_size", hidden_size),
+                            ("num_attention_heads", num_attention_heads), ("num_key_value_heads", num_key_value_heads),
+                            ("max_position_embeddings", max_position_embeddings), ("vocab_size", vocab_size)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if hidden_size is None:
             hd = head_dim if head_dim is not None else 128
             hidden_size = math.ceil(num_layers * aspect_ratio / hd) * hd  # nudge width up to a multiple of head_dim

@@ -463,6 +463,19 @@ class NanoChatPreTrainedModel(PreTrainedModel):
     #   adapters or 4/8-bit quantization.
     _nanochat_gate_modules = ("smear_gate", "ve_gate")
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """PreTrainedModel.from_pretrained; a truncated or corrupt weights file (safetensors raises its own
+        `SafetensorError: incomplete metadata`, naming neither file nor fix) becomes an OSError that says both."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as e:
+            if type(e).__name__ != "SafetensorError":  # by name: this file imports only torch and transformers
+                raise
+            raise OSError(f"cannot load the weights of {pretrained_model_name_or_path}: a safetensors file there is "
+                          f"truncated or corrupt ({e}). Copy or download it again, or load an earlier checkpoint "
+                          "of the same run.") from e
+
     @torch.no_grad()
     def _init_weights(self, module):
         """nanochat's init (reference §1.6). transformers calls this per module (leaves included) and, in v5, marks a

@@ -49,6 +49,16 @@ def pretraining_data(model_dir: str) -> str | None:
 
 
 def main(argv=None) -> dict:
+    from modeling_nanochat.utils.errors import cli_main
+
+    out = []
+    code = cli_main(lambda a: out.append(_main(a)), argv)
+    if code:
+        sys.exit(code)
+    return out[0]
+
+
+def _main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
     from accelerate import PartialState
@@ -59,22 +69,24 @@ def main(argv=None) -> dict:
     from evaluation.core import evaluate_core, format_table
     from evaluation.samples import SAMPLE_PROMPTS, greedy_completions
     from modeling_nanochat.data.loader import PretrainLoader, resolve_data
-    from modeling_nanochat.tokenizer.tokenizer import load_tokenizer, token_bytes_of
+    from modeling_nanochat.checkpoints.model_dirs import load_model, load_model_tokenizer
+    from modeling_nanochat.tokenizer.tokenizer import token_bytes_of
+    from modeling_nanochat.utils.errors import NanochatError
     from modeling_nanochat.utils.io import atomic_write
 
     cores = {}
     for spec in ([] if args.no_core else args.core or ["core=default"]):
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"error: --core takes NAME=DIR (e.g. core=default or synth=runs/tiny/data/core), "
-                             f"got {spec!r}")
+            raise NanochatError(f"--core takes NAME=DIR (e.g. core=default or synth=runs/tiny/data/core), "
+                                f"got {spec!r}")
         cores[name] = None if path == "default" else path
     state = PartialState(cpu=not torch.cuda.is_available())
     device, rank, world = state.device, state.process_index, state.num_processes
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if device.type == "cuda" else None
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
-    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, AutoModelForCausalLM).to(device).eval()
+    tokenizer = load_model_tokenizer(args.model, config=model.config)
     token_bytes = token_bytes_of(args.model, tokenizer)
     seq_len = model.config.max_position_embeddings
     source = resolve_data(args.data or pretraining_data(args.model))

@@ -7,6 +7,9 @@ the calculator tool during sampling and nanochat's MuonAdamW.
 Every YAML key is a flag (flags override the YAML): GRPOConfig / TrainingArguments fields, ModelConfig's
 (``model_name_or_path``, ``dtype``) and the nanochat ones below. The model directory is any checkpoint this project
 writes (HF format, with its tokenizer); the result is written the same way to ``output_dir``.
+
+SIGTERM or Ctrl-C: the current step finishes, ``OUTPUT/checkpoint-N`` is saved and the run exits with 128 + signum;
+the same command plus ``--resume_from_checkpoint OUTPUT/checkpoint-N`` continues it.
 """
 
 import dataclasses
@@ -16,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from modeling_nanochat.utils.errors import NanochatError, cli_main  # noqa: E402 - after the path line above
 
 
 @dataclass
@@ -57,7 +62,7 @@ def derive_accumulation(args, rl_args, world_size: int):
     completions = rl_args.examples_per_step * args.num_generations
     per_step = args.per_device_train_batch_size * world_size
     if completions % per_step:
-        raise ValueError(f"examples_per_step x num_generations = {completions} completions per step is not divisible "
+        raise NanochatError(f"examples_per_step x num_generations = {completions} completions per step is not divisible "
                          f"by per_device_train_batch_size x processes = {per_step}; change one of them")
     # replace() re-runs __post_init__, which derives generation_batch_size from the new accumulation steps
     return dataclasses.replace(args, gradient_accumulation_steps=completions // per_step,
@@ -74,12 +79,12 @@ def main(rl_args, training_args, model_args):
     from modeling_nanochat.rl.rewards import resolve_rewards
     from modeling_nanochat.utils.distributed import world_size
     from modeling_nanochat.optim.trainer_mixin import MetricsFileCallback
-    from modeling_nanochat.tokenizer.tokenizer import load_tokenizer
+    from modeling_nanochat.checkpoints.model_dirs import load_model, load_model_tokenizer
 
     if not model_args.model_name_or_path:
-        raise ValueError("set model_name_or_path to the SFT checkpoint directory (an HF model dir with its tokenizer)")
+        raise NanochatError("set model_name_or_path to the SFT checkpoint directory (an HF model dir with its tokenizer)")
     if model_args.use_peft:
-        raise ValueError("use_peft is not supported by this recipe: MuonAdamW's groups are nanochat's full parameters")
+        raise NanochatError("use_peft is not supported by this recipe: MuonAdamW's groups are nanochat's full parameters")
     training_args = derive_accumulation(training_args, rl_args, world_size())
     # Resolve before loading anything, so a typo fails in seconds. The launch directory goes on sys.path (last, so
     # it shadows nothing) as `trl grpo` does, so `my_rewards.score` next to your config imports.
@@ -88,9 +93,9 @@ def main(rl_args, training_args, model_args):
     reward_funcs = resolve_rewards(rl_args.reward_funcs)
 
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(__import__("torch"), model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype or "auto",
-                                                 trust_remote_code=training_args.trust_remote_code)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    model = load_model(model_args.model_name_or_path, AutoModelForCausalLM, dtype=dtype or "auto",
+                       trust_remote_code=training_args.trust_remote_code)
+    tokenizer = load_model_tokenizer(model_args.model_name_or_path, config=model.config)
     train = prompt_dataset(rl_args.prompts, rl_args.data, "train")
     evaluate = training_args.eval_strategy != "no"
     eval_set = prompt_dataset(rl_args.prompts, rl_args.eval_data, "test", limit=rl_args.eval_examples) if evaluate \
@@ -115,5 +120,19 @@ def make_parser():
     return TrlParser((NanoChatRLArguments, GRPOConfig, ModelConfig))
 
 
+def cli(argv=None) -> int:
+    """The command line: a user mistake (NanochatError) is one `error:` line and exit status 2; SIGTERM/SIGINT saves a
+    checkpoint and exits 128 + signum."""
+    def run(args):
+        from modeling_nanochat.optim.trainer_mixin import TrainingInterrupted, report_interrupted
+
+        try:
+            main(*make_parser().parse_args_and_config(args))
+        except TrainingInterrupted as e:  # SIGTERM/SIGINT: checkpoint saved, one line, exit 128 + signum
+            return report_interrupted(e)
+        return 0
+    return cli_main(run, argv)
+
+
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    sys.exit(cli())

@@ -52,14 +52,17 @@ def to_messages(rows, to_conversation, label: str = "rows", num_proc: int | None
 
     def convert(batch, indices):
         from modeling_nanochat.tokenizer.chat_format import normalize_messages
+        from modeling_nanochat.utils.errors import DataError, NanochatError
 
         out = []
         for j, index in enumerate(indices):
             conv = to_conversation({k: v[j] for k, v in batch.items()})
             try:
                 normalize_messages(conv)
+            except NanochatError as e:  # DataError: the problem and its fix
+                raise DataError(f"{label} row {index}: {e.problem}", e.fix) from None
             except ValueError as e:
-                raise ValueError(f"{label} row {index}: {e}") from None
+                raise DataError(f"{label} row {index}: {e}", "fix or drop that row of the source") from None
             out.append([{"role": m["role"], "content": m["content"]} for m in conv["messages"]])
         return {"messages": out}
 
@@ -136,6 +139,13 @@ def grpo_splits(gsm8k=None, gsm8k_test=None, test: bool = True, test_limit: int 
 
 
 def main(argv=None):
+    from modeling_nanochat.utils.errors import cli_main
+
+    # a bad data file (DataError names the file and line) or a missing one: `error: ...` and exit status 2
+    return cli_main(_main, argv, errors=(FileNotFoundError,))
+
+
+def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="stage", required=True)
@@ -181,4 +191,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup-steps", type=int, default=40)
     o.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps in the final LR warmdown")
     o.add_argument("--final-lr-frac", type=float, default=0.05, help="LR multiplier at the end of the warmdown")
-    o.add_argument("--optimizer", default="muonadamw", choices=["muonadamw", "muon", "adamw"],
-                   help="muonadamw: nanochat's optimizer (not under DeepSpeed). Under a DeepSpeed accelerate config: "
-                        "muon (DeepSpeed's Muon, the default there) or adamw")
+    o.add_argument("--optimizer", default=None, choices=["muonadamw", "muon", "adamw"],
+                   help="muonadamw: nanochat's optimizer (the default; not under DeepSpeed). Under a DeepSpeed "
+                        "accelerate config: muon (DeepSpeed's Muon, the default there) or adamw")
     d = p.add_argument_group("data and output")
     d.add_argument("--tokenizer", help="tokenizer dir (recipes/tokenizer.py output); taken from the checkpoint on --resume")
     d.add_argument("--data", default=None, help="climbmix (default), fineweb-edu, a dir of parquet shards, a "
@@ -82,21 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile MuonAdamW's update functions as nanochat does (auto: on with CUDA or --compile)")
     r.add_argument("--fp8", action="store_true", help="fp8 matmuls via torchao (CUDA, compute capability >= 8.9)")
     r.add_argument("--print-plan", action="store_true", help="print the derived plan as JSON and exit")
+    r.add_argument("--vocab-size", type=int, default=32768,
+                   help="vocabulary size for --print-plan without --tokenizer (nanochat's tokenizer: 32768)")
     return p
 
 
 def main(argv=None):
+    from modeling_nanochat.utils.errors import cli_main
+
+    # a user mistake (RunError, a broken checkpoint, a full disk: NanochatError) is one line from the main process
+    # and exit status 2; --debug or NANOCHAT_DEBUG=1 shows the traceback
+    result = []
+    code = cli_main(lambda a: result.append(_run(a)), argv)
+    if code:
+        sys.exit(code)
+    return result[0]  # the plan (--print-plan) or the trainer's summary
+
+
+def _run(argv):
     args = build_parser().parse_args(argv)
     from modeling_nanochat.pretrain.setup import run
-    from modeling_nanochat.pretrain.trainer import Interrupted, RunError
-    from modeling_nanochat.utils.distributed import rank_world
+    from modeling_nanochat.pretrain.trainer import Interrupted
 
     try:
         return run(args)
-    except RunError as e:  # a user mistake: one line from the main process, no traceback
-        if rank_world()[0] == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except Interrupted as e:
         sys.exit(128 + e.signum)
 

@@ -52,3 +52,9 @@ def clean_env(**extra):
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
     env.update(extra)
     return env
+
+
+# the fault catalogue (tests/faults): the `told` fixture and the table of faults printed after the run (the path
+# is added for processes that import this module outside pytest, as test workers do)
+sys.path.append(str(REPO / "tests" / "faults"))
+from fault_table import pytest_runtest_makereport, pytest_terminal_summary, told  # noqa: E402,F401

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from modeling_nanochat.utils.errors import DataError
+
 SHUFFLE_SEED = 42
 _BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 
@@ -44,6 +46,10 @@ class ChatTask:
 
     def __getitem__(self, index: int) -> dict:
         return self.conversation(self.rows[index])
+
+    def check_rows(self, rows, locate) -> None:
+        """Raise a DataError for a row the task cannot use; ``locate(i)`` names row ``i`` ("file:line"). Called
+        once on the loaded rows, in file order, before the shuffle. Subclasses override it."""
 
     def conversation(self, row: dict) -> dict:
         raise NotImplementedError
@@ -99,30 +105,40 @@ def local_files(task: ChatTask, data: str | os.PathLike) -> list[Path]:
 
 def _checked_suffix(path: Path) -> Path:
     if path.suffix not in _BUILDERS:
-        raise ValueError(f"{path}: expected a .jsonl, .json or .parquet file in the Hub dataset's format")
+        raise DataError(f"{path}: unknown file type {path.suffix!r}",
+                        "give a .jsonl, .json or .parquet file in the Hub dataset's format")
     return path
 
 
 def load_rows(task: ChatTask, data: str | os.PathLike | None = None):
     """The task's rows as a `datasets.Dataset` (not shuffled), checked for the columns the task reads."""
-    from datasets import load_dataset
+    from modeling_nanochat.data.files import load_files, row_location
 
     if data is not None:
         files = local_files(task, data)
         builders = {_BUILDERS[f.suffix] for f in files}
         if len(builders) > 1:
-            raise ValueError(f"{data} mixes file types for {task.title}: {[f.name for f in files]}")
-        rows = load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
+            raise DataError(f"{data} mixes file types for {task.title}: {[f.name for f in files]}",
+                            "keep one kind of file (.jsonl, .json or .parquet) per task")
+        # a file that is not UTF-8, a line that is not JSON, an empty file: DataError naming the file and line
+        rows = load_files(builders.pop(), files)
         where = ", ".join(str(f) for f in files[:3])
+
+        def locate(i):
+            return row_location(files, i)
     else:
         rows = load_hub_rows(task.source)
         where = f"{task.source.repo} ({task.source.subset}, {task.source.split})"
+
+        def locate(i):
+            return f"{where} row {i + 1}"
     missing = [c for c in task.columns if c not in rows.column_names]
     if missing:
-        raise ValueError(f"{where}: missing columns {missing} of the {task.source.repo} format "
-                         f"(found {rows.column_names})")
+        raise DataError(f"{where}: missing columns {missing} of the {task.source.repo} format "
+                        f"(found {rows.column_names})", f"give every row the fields {list(task.columns)}")
     if len(rows) == 0:
-        raise ValueError(f"{where}: no rows")
+        raise DataError(f"{where}: no rows", f"point --data at {task.title} problems")
+    task.check_rows(rows, locate)
     return rows
 
 

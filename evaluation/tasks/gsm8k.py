@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 
-from ..metrics.gsm8k.extraction import is_correct
+from modeling_nanochat.utils.errors import DataError
+
+from ..metrics.gsm8k.extraction import extract_answer, is_correct, reference_text
 from .common import ChatTask, HubSource
 
 _CALL = re.compile(r"(<<[^>]+>>)")
@@ -35,6 +37,17 @@ class GSM8K(ChatTask):
     baseline = 0.0
     source = HubSource("openai/gsm8k", "main", "test")
     columns = ("question", "answer")
+
+    def check_rows(self, rows, locate) -> None:
+        """Every reference solution must end in ``#### N``: grading (and the RL reward) reads the answer there, and
+        a solution without it would score every answer wrong without a word."""
+        for i, (question, answer) in enumerate(zip(rows["question"], rows["answer"])):
+            if not isinstance(answer, str) or extract_answer(reference_text(answer)) is None:
+                raise DataError(f"{locate(i)}: GSM8K answer has no final '#### <number>' line "
+                                f"(it ends {str(answer)[-40:]!r}), so nothing can be graded against it",
+                                "end every answer with '#### N' (N the final number), as openai/gsm8k does")
+            if not isinstance(question, str) or not question.strip():
+                raise DataError(f"{locate(i)}: GSM8K question is empty", "give every row its question")
 
     def conversation(self, row: dict) -> dict:
         return {"messages": [

@@ -26,10 +26,13 @@ import argparse
 import importlib.util
 import json
 import os
+import sys
 
 import torch
 
 from modeling_nanochat.checkpoints import architecture
+from modeling_nanochat.checkpoints.model_dirs import ModelNotFoundError, load_model
+from modeling_nanochat.utils.errors import NanochatError
 
 # Both derived from the model's module tree (checkpoints.architecture) instead of kept as lists here, so a new block
 # matrix becomes a target without an edit; the names stay for the recipes and tests that import them.
@@ -61,7 +64,7 @@ def check_target_modules(model: torch.nn.Module, target_modules) -> None:
               if isinstance(m, torch.nn.Linear) or hasattr(m, "base_layer")}  # plain, or already adapted
     missing = [t for t in target_modules if t not in leaves]
     if missing:
-        raise ValueError(f"lora_target_modules {missing} match no Linear layer of this model; its Linear layers are "
+        raise NanochatError(f"lora_target_modules {missing} match no Linear layer of this model; its Linear layers are "
                          f"{sorted(leaves)} (nanochat's default: {list(LORA_TARGET_MODULES)})")
 
 
@@ -87,7 +90,7 @@ def quantization_config(model_args):
     if not (four or eight):
         return None
     if four and eight:
-        raise ValueError("set either load_in_4bit or load_in_8bit, not both")
+        raise NanochatError("set either load_in_4bit or load_in_8bit, not both")
     flag = "load_in_4bit" if four else "load_in_8bit"
     if importlib.util.find_spec("bitsandbytes") is None:
         raise RuntimeError(f"{flag} (quantized LoRA) needs bitsandbytes: pip install bitsandbytes (CUDA GPUs); or drop "
@@ -131,12 +134,12 @@ def wrap_model(model, model_args=None, gradient_checkpointing: bool = False, **o
 def _adapter_base(adapter_dir: str) -> str | None:
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: --adapter must be a PEFT adapter dir (what `trl sft ... use_peft: "
+        raise ModelNotFoundError(f"{path} not found: --adapter must be a PEFT adapter dir (what `trl sft ... use_peft: "
                                 "true` saves); a full checkpoint needs no merge")
     with open(path) as f:
         cfg = json.load(f)
     if cfg.get("peft_type") not in (None, "LORA"):
-        raise ValueError(f"{path} holds a {cfg.get('peft_type')} adapter; only LoRA adapters are merged here")
+        raise NanochatError(f"{path} holds a {cfg.get('peft_type')} adapter; only LoRA adapters are merged here")
     return cfg.get("base_model_name_or_path")
 
 
@@ -157,13 +160,13 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     named = _adapter_base(adapter_dir)  # also checks that this is a LoRA adapter dir
     base = base or named
     if not base:
-        raise ValueError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base model: pass --base DIR")
+        raise NanochatError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base model: pass --base DIR")
     target = atomic_dir(output_dir, overwrite)  # refuses a non-empty output dir before the work, not after
     if dtype is None:  # config.json of a local dir or a Hub repo
         base_cfg, _ = PretrainedConfig.get_config_dict(base)
         dtype = base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "float32"
     # the base's generation config (stop tokens, sampling defaults) comes along with from_pretrained
-    model = NanoChatForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = load_model(base, NanoChatForCausalLM, dtype=torch.float32)
     merged = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload(safe_merge=True)
     merged.to(getattr(torch, dtype))
     try:
@@ -178,7 +181,13 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     return output_dir
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    from modeling_nanochat.utils.errors import cli_main
+
+    return cli_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m modeling_nanochat.adapters.lora", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base and write a normal checkpoint")
@@ -190,7 +199,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = merge_adapter(args.adapter, args.output_dir, base=args.base, dtype=args.dtype, overwrite=args.overwrite)
     print(f"merged checkpoint written to {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

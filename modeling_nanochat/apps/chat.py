@@ -22,6 +22,7 @@ from modeling_nanochat.generation.calculator import use_calculator
 from modeling_nanochat.tokenizer.chat_format import render_prompt
 from modeling_nanochat.tokenizer.tokenizer import special_token_id
 from modeling_nanochat.generation.tool_use import IncrementalDecoder, generate
+from modeling_nanochat.utils.errors import cli_main
 
 # segment a special token opens: tool call, tool output, or back to plain text
 _SEGMENT_OF = {"<|python_start|>": "python", "<|python_end|>": "text",
@@ -110,13 +111,13 @@ def load(model_dir: str, device: str | None = None, dtype: str = "auto"):
     that loading this module implies; other causal LMs with a nanochat tokenizer load as themselves."""
     from transformers import AutoModelForCausalLM
 
-    from modeling_nanochat.tokenizer.tokenizer import load_tokenizer
+    from modeling_nanochat.checkpoints.model_dirs import load_model, load_model_tokenizer
     from modeling_nanochat.utils import dtypes
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = dtypes.torch_dtype(dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
-    return model, load_tokenizer(model_dir)
+    model = load_model(model_dir, AutoModelForCausalLM, dtype=torch_dtype).to(device).eval()
+    return model, load_model_tokenizer(model_dir, config=model.config)
 
 
 def _parse(argv):
@@ -140,6 +141,10 @@ def _parse(argv):
 
 
 def main(argv=None) -> int:
+    return cli_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = _parse(argv)
     from modeling_nanochat.checkpoints.model_dirs import resolve_model
 

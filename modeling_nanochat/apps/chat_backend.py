@@ -16,6 +16,7 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from modeling_nanochat.utils.errors import NanochatError
 
 # nanochat's web server limits (scripts/chat_web.py, NANOCHAT_REFERENCE §8.3) and defaults
 MAX_MESSAGES = 500
@@ -30,8 +31,12 @@ TOOL_TITLE = "calculator"  # no emoji: headless/CI browsers often lack an emoji 
 MODEL_ENV = "NANOCHAT_MODEL"
 
 
-class InputError(ValueError):
+class InputError(NanochatError):
     """A request outside the limits; the message is meant for the user."""
+
+
+class ModelUnavailable(NanochatError):
+    """The model could not be loaded (a broken checkpoint): every chat is answered with what is wrong and the fix."""
 
 
 class EndpointError(RuntimeError):
@@ -228,6 +233,32 @@ class LocalChat:
         yield [dict(p) for p in parts if p["text"] or p["type"] != "text"]
 
 
+@dataclass
+class UnavailableChat:
+    """Stands in for a model that failed to load (a truncated model.safetensors, a config.json that is not JSON):
+    the app still serves its page, which says what is wrong, and every chat gets the same message instead of the
+    process dying with a traceback at start."""
+
+    model_id: str
+    error: Exception
+
+    def _parts(self) -> tuple[str, str | None]:
+        problem = getattr(self.error, "problem", None) or " ".join(str(self.error).split())
+        return problem, getattr(self.error, "fix", None)
+
+    def description(self) -> str:
+        problem, fix = self._parts()
+        return (f"**The model `{self.model_id}` could not be loaded**: `{problem}`"
+                + (f"\n\n**Fix:** {fix}" if fix else "") + "\n\nThen restart the app.")
+
+    def stream(self, msgs: list[dict], temperature: float, top_k: int, max_tokens: int,
+               seed: int | None = None) -> Iterator[list[dict]]:
+        problem, fix = self._parts()
+        raise ModelUnavailable(f"The model {self.model_id} could not be loaded: {problem}",
+                               f"{fix}, then restart the app" if fix else "restart the app with a working model")
+        yield  # a generator like the other backends
+
+
 def endpoint_base_url(url: str) -> str:
     """OpenAI-compatible servers (TGI, vLLM, transformers serve) answer under /v1."""
     url = url.rstrip("/")
@@ -239,10 +270,13 @@ class EndpointChat:
     """Plain chat with an OpenAI-compatible server through huggingface_hub.InferenceClient. The server renders the
     checkpoint's chat template, decodes with special tokens skipped and runs no tool; top-k is not part of the
     OpenAI chat API and is not sent. ``model`` defaults to the first id of the server's /v1/models (TGI accepts
-    any name; vLLM and a pinned `transformers serve` want the served one)."""
+    any name; vLLM and a pinned `transformers serve` want the served one). ``timeout``: seconds to wait for the
+    server's answer and then between streamed chunks; a server that accepts the connection and never answers
+    fails the chat after that long instead of holding it (and a queue slot) forever."""
 
     url: str
     model: str | None = None
+    timeout: float = 600.0
 
     def __post_init__(self):
         from huggingface_hub import InferenceClient
@@ -252,7 +286,7 @@ class EndpointChat:
             raise SystemExit("HF_HUB_OFFLINE is set: huggingface_hub then refuses every HTTP request, also to "
                              f"{self.url}. Unset it for the app (the endpoint mode needs no Hub access).")
         self.base_url = endpoint_base_url(self.url)
-        self.client = InferenceClient(base_url=self.base_url, timeout=600)
+        self.client = InferenceClient(base_url=self.base_url, timeout=self.timeout)
         if self.model is None:
             self.model = self._served_model()
 
@@ -261,7 +295,7 @@ class EndpointChat:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(self.base_url + "/models", timeout=10) as r:
+            with urllib.request.urlopen(self.base_url + "/models", timeout=min(10.0, self.timeout)) as r:
                 return json.load(r)["data"][0]["id"]
         except Exception:  # optional endpoint (some servers fail on it): let the server pick its model
             return None
@@ -281,5 +315,7 @@ class EndpointChat:
             refused = getattr(e, "response", None) is not None  # an HTTP answer, not a connection failure
             hint = " If the server serves a named model, pass --endpoint-model NAME." if refused and not self.model \
                 else ""
+            if "timeout" in type(e).__name__.lower() or "timed out" in detail.lower():
+                hint = f" It did not answer within {self.timeout:g} s (--endpoint-timeout): is it overloaded or stuck?"
             raise EndpointError(f"The server at {self.url} failed: {type(e).__name__}: {detail}.{hint}") from e
         yield [{"type": "text", "text": text}]

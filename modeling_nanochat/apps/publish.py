@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from modeling_nanochat.checkpoints.model_dirs import check_model_dir
+from modeling_nanochat.utils.errors import cli_main
 from modeling_nanochat.checkpoints.training_state import CHECKPOINT_NAME
 from modeling_nanochat.utils.run_files import read_json, read_metrics
 
@@ -287,6 +288,10 @@ def publish(model_dir: str | Path, repo_id: str, *, private: bool = False, dry_r
 
 
 def main(argv=None) -> int:
+    return cli_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", help="a model directory: a run's final model (runs/d20) or a checkpoint-N")
     p.add_argument("repo_id", help="Hub repo to create or update, e.g. you/nanochat-d20")

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from modeling_nanochat.checkpoints.architecture import NANOCHAT_KEY_TEMPLATES
 from modeling_nanochat.configuration_nanochat import ARCHITECTURE_ERAS, NanoChatConfig
-from modeling_nanochat.utils.io import OutputExistsError, atomic_dir
+from modeling_nanochat.utils.io import atomic_dir
+from modeling_nanochat.utils.errors import CheckpointError, cli_main
 
 # nanochat key <-> our key; {i} is a layer index. nanochat's names are an external format, so they cannot be derived
 # from our model: they are stated once, with the other architecture facts, in checkpoints.architecture (whose test
@@ -37,7 +38,7 @@ def _rules(reverse=False):
 _TO_OURS, _TO_NANOCHAT = _rules(), _rules(reverse=True)
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """A checkpoint that cannot be converted faithfully; the message names the problem and the fix."""
 
 
@@ -169,13 +170,21 @@ def config_from_transformers_nanochat(cfg):
         bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"), pad_token_id=cfg.get("pad_token_id"))
 
 
+def _read_safetensors(path):
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own SafetensorError for a truncated or foreign file
+        raise ConversionError(f"cannot read {path}: {e} ({os.path.getsize(path):,} bytes on disk); the file is "
+                              "truncated or corrupt: copy or download it again") from None
+
+
 def _load_safetensors_dir(src):
     files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
     if not files:
         raise ConversionError(f"no *.safetensors in {src}")
     state = {}
     for f in files:
-        state.update(load_file(f))
+        state.update(_read_safetensors(f))
     # some writers save rotary inv_freq buffers; they are recomputed, never weights
     return {k: v for k, v in state.items() if not k.endswith("inv_freq")}
 
@@ -311,14 +320,19 @@ def _save_tiktoken_pickle(tokenizer, out_dir):
 
 def convert(input_dir, output_dir, step=None, arch=None, tokenizer_dir=None, to="nanochat_hf", overwrite=False,
             dtype="keep"):
+    if not os.path.isdir(input_dir):
+        raise ConversionError(f"no such directory: {input_dir}", "pass the checkpoint directory as --input-dir")
     if to == "nanochat":
         return to_nanochat(input_dir, output_dir, step=step, overwrite=overwrite)
     if to == "transformers-nanochat":
         return to_transformers_nanochat(input_dir, output_dir, overwrite=overwrite)
     cfg_path = os.path.join(input_dir, "config.json")
     if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            model_type = json.load(f).get("model_type")
+        try:
+            with open(cfg_path) as f:
+                model_type = json.load(f).get("model_type")
+        except (ValueError, AttributeError) as e:
+            raise ConversionError(f"{cfg_path} is not a valid config.json ({e})") from None
         if model_type != "nanochat":
             raise ConversionError(f"{input_dir} is a transformers checkpoint of type {model_type!r}; this converter "
                                   "reads nanochat's own format or transformers' 'nanochat' type")
@@ -347,6 +361,10 @@ def _cast(state, dtype):
 
 
 def main(argv=None):
+    return cli_main(_main, argv)
+
+
+def _main(argv=None):
     p = argparse.ArgumentParser(prog="python -m modeling_nanochat.checkpoints.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input-dir", required=True, help="nanochat checkpoint dir, transformers 'nanochat' dir, or ours")
@@ -361,12 +379,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"])
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir (atomically)")
     args = p.parse_args(argv)
-    try:
-        out = convert(args.input_dir, args.output_dir, step=args.step, arch=args.arch, tokenizer_dir=args.tokenizer_dir,
-                      to=args.to, overwrite=args.overwrite, dtype=args.dtype)
-    except (ConversionError, OutputExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = convert(args.input_dir, args.output_dir, step=args.step, arch=args.arch, tokenizer_dir=args.tokenizer_dir,
+                  to=args.to, overwrite=args.overwrite, dtype=args.dtype)
     print(f"wrote {out}")
     return 0
 

@@ -13,12 +13,13 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 from modeling_nanochat.utils.io import atomic_write_json
+from modeling_nanochat.utils.errors import CheckpointError
 
 HANDOVER_FILE = "handover.json"
 BASE_LR_NAMES = ("embedding", "unembedding", "matrix", "scalar")
 
 
-class HandoverError(ValueError):
+class HandoverError(CheckpointError):
     """The record exists but cannot be read (a damaged or foreign file)."""
 
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 
 import torch
 
+from modeling_nanochat.utils.errors import CheckpointError
 from modeling_nanochat.utils.io import atomic_dir
 
 STATE_DIR = "training_state"
@@ -82,9 +84,13 @@ def load_training_state(path: str) -> tuple[dict, dict, list]:
         opt_path = os.path.join(state_dir, "optimizer.pt")  # absent under DeepSpeed (its own shards instead)
         optimizer_state = torch.load(opt_path, map_location="cpu", weights_only=False) if os.path.exists(opt_path) else None
         loaders = torch.load(os.path.join(state_dir, "dataloader.pt"), map_location="cpu", weights_only=False)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"checkpoint {path} is unreadable ({e}); remove it to resume from the one before") from e
-    return trainer_state, optimizer_state, loaders["ranks"]
+        ranks = loaders["ranks"]
+        trainer_state["loop_state"], trainer_state["plan"]  # noqa: B018 - the keys a resume reads
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})",
+                              "remove (or move away) that checkpoint directory to resume from the one before it, or "
+                              "start over with --overwrite") from None
+    return trainer_state, optimizer_state, ranks
 
 
 def prune_checkpoints(output_dir: str, keep_last: int) -> None:

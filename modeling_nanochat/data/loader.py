@@ -34,6 +34,7 @@ import torch
 
 from modeling_nanochat.data.sources import PRESETS, DataSource, download_preset, resolve_data
 from modeling_nanochat.tokenizer.tokenizer import BOS_TOKEN, encode_ordinary, special_token_id
+from modeling_nanochat.utils.errors import DataError
 
 __all__ = ["DataSource", "PretrainLoader", "resolve_data"]
 
@@ -70,7 +71,9 @@ class _DocStream:
             if self.shard >= len(self.shards):  # end of an epoch
                 self._wraps_without_docs += 1
                 if self._wraps_without_docs > 1:
-                    raise ValueError(f"rank {self.rank} of {self.world} read a whole epoch without a document")
+                    raise DataError(f"rank {self.rank} of {self.world} read a whole epoch of its data without a "
+                                    "document", "check that the corpus holds documents with text (and, with several "
+                                    "processes, enough row groups for every rank)")
                 self.epoch, self.shard, self.row_group, self.doc = self.epoch + 1, 0, self.rank, 0
             shard = self.shards[self.shard]
             if self.row_group >= len(shard.row_group_rows):
@@ -103,9 +106,9 @@ class PretrainLoader:
         shards = source.shards(split)
         if not any(sum(s.row_group_rows[rank::world_size]) for s in shards):
             groups = sum(len(s.row_group_rows) for s in shards)
-            raise ValueError(f"{source.name}: rank {rank} of {world_size} gets no {split} documents (row groups "
-                             f"{rank}, {rank}+{world_size}, … of {len(shards)} shard(s) with {groups} row groups in "
-                             f"all, some empty). Use fewer processes or data with more row groups per shard")
+            raise DataError(f"{source.name}: rank {rank} of {world_size} gets no {split} documents (row groups "
+                            f"{rank}, {rank}+{world_size}, … of {len(shards)} shard(s) with {groups} row groups in "
+                            "all, some empty)", "use fewer processes or data with more row groups per shard")
         self.source, self.tokenizer, self.split = source, tokenizer, split
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.buffer_size = buffer_size

@@ -38,7 +38,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from modeling_nanochat.data.files import first_text, load_files
 from modeling_nanochat.tokenizer.tokenizer import _BUILDERS  # file suffix -> `datasets` builder, shared with the tokenizer corpus reader
+from modeling_nanochat.utils.errors import DataError
 
 ROW_GROUP_SIZE = 1024  # docs per virtual row group for `datasets` sources (nanochat's shards use 1024)
 MIN_ROW_GROUPS = 64  # smaller splits get smaller virtual row groups, so up to 64 ranks each get some documents
@@ -91,12 +93,13 @@ class ParquetShard:
         try:
             meta = pq.read_metadata(path)
         except Exception as e:  # pyarrow raises ArrowInvalid & co. for a truncated or foreign file
-            raise ValueError(f"{path} is not a readable parquet file ({e}); delete it and download it again") from e
+            raise DataError(f"{path} is not a readable parquet file ({e})",
+                            "delete it and download (or write) it again") from e
         columns = meta.schema.to_arrow_schema().names
         if text_column not in columns:
-            raise ValueError(f"{path} has no {text_column!r} column (columns: {columns}). Pretraining reads the "
-                             f"documents from one string column: rename yours to {text_column!r} or pass "
-                             f"text_column=<name> to resolve_data")
+            raise DataError(f"{path} has no {text_column!r} column (columns: {columns}). Pretraining reads the "
+                            "documents from one string column",
+                            f"rename yours to {text_column!r} (or pass text_column=<name> to resolve_data)")
         return cls(path, text_column, [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
 
 
@@ -161,14 +164,15 @@ def resolve_data(data: str | None, *, cache_dir: str | None = None, num_shards: 
             return _shard_dir_source(path, parquets, text_column)
         files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS and p.is_file())
         if not files:
-            raise ValueError(f"{path} holds no data: expected *.parquet shards (the last one is validation) or "
-                             ".jsonl/.json/.txt files. Download shards with `python -m "
-                             "modeling_nanochat.data.loader --data climbmix -n 8` or point --data at a folder "
-                             "that has them")
+            raise DataError(f"{path} holds no data: expected *.parquet shards (the last one is validation) or "
+                            ".jsonl/.json/.txt files", "download shards with `python -m "
+                            "modeling_nanochat.data.loader --data climbmix -n 8` or point --data at a folder "
+                            "that has them")
         return _files_source(name, files, cache_dir, text_column, row_group_size)
     if path.is_file():
         if path.suffix not in _BUILDERS:
-            raise ValueError(f"{path}: unknown file type {path.suffix!r}; pretraining reads {sorted(_BUILDERS)}")
+            raise DataError(f"{path}: unknown file type {path.suffix!r}",
+                            f"pretraining reads {sorted(_BUILDERS)} files: convert it to one of them")
         return _files_source(name, [path], cache_dir, text_column, row_group_size)
     if globlib.has_magic(name):
         files = sorted(Path(p) for p in globlib.glob(os.path.expanduser(name), recursive=True) if Path(p).is_file())
@@ -221,12 +225,11 @@ def _shard_dir_source(folder: Path, parquets: list[Path], text_column: str) -> D
                          f"train, the last is validation (nanochat's rule). Add a shard, or pass the file itself "
                          f"({parquets[0]}) to hold out a tail of it instead")
     shards = [ParquetShard.open(str(p), text_column) for p in parquets]
+    _require_text_in_shards(str(folder), shards[:-1], text_column)
     return DataSource(str(folder), shards[:-1], shards[-1:], text_column)
 
 
 def _files_source(name, files, cache_dir, text_column, row_group_size) -> DataSource:
-    from datasets import load_dataset
-
     builders = {_BUILDERS.get(f.suffix) for f in files}
     if None in builders:
         raise ValueError(f"{name}: expected .parquet, .jsonl/.json or .txt files, found {[f.name for f in files][:5]}")
@@ -234,7 +237,8 @@ def _files_source(name, files, cache_dir, text_column, row_group_size) -> DataSo
         raise ValueError(f"{name} mixes file types {sorted(builders)}; point --data at one kind")
     builder = builders.pop()
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-    ds = load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir, **kwargs)
+    # a file `datasets` cannot read (not UTF-8, a line that is not JSON, empty) -> DataError naming file and line
+    ds = load_files(builder, files, cache_dir=cache_dir, **kwargs)
     return _split_dataset(name, ds, None, text_column, row_group_size)
 
 
@@ -258,14 +262,19 @@ def _split_dataset(name, train, val, text_column, row_group_size) -> DataSource:
     if row_group_size < 1:
         raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
     if text_column not in train.column_names:
-        raise ValueError(f"{name} has no {text_column!r} column (columns: {train.column_names}); pass "
-                         f"text_column=<the column with the documents>")
+        raise DataError(f"{name} has no {text_column!r} column (columns: {train.column_names})",
+                        f"name the documents' field {text_column!r}, or pass text_column=<the column with the "
+                        "documents>")
     train = train.select_columns([text_column])
+    if not any(first_text(batch[text_column]) is not None for batch in train.iter(batch_size=1024)):
+        raise _no_text(name, len(train))
     how = "validation split"
     if val is None:  # deterministic held-out tail
         n = len(train)
         if n < 2:
-            raise ValueError(f"{name} has {n} document(s): need at least 2 (train + held-out validation)")
+            raise DataError(f"{name} has {n} document(s): need at least 2 (train + held-out validation)",
+                            "give a corpus with more documents (a .txt file has one per blank-line separated "
+                            "paragraph, a .jsonl file one per line)")
         n_val = max(1, int(n * VAL_FRACTION))
         train, val = train.select(range(n - n_val)), train.select(range(n - n_val, n))
         how = f"last {n_val} rows"
@@ -277,6 +286,26 @@ def _split_dataset(name, train, val, text_column, row_group_size) -> DataSource:
         return max(1, min(row_group_size, -(-len(ds) // MIN_ROW_GROUPS)))
     return DataSource(f"{name} (val: {how})", [ArrowShard(train, size(train), f"{name}:train")],
                       [ArrowShard(val, size(val), f"{name}:val")], text_column)
+
+
+def _no_text(name: str, documents: int) -> DataError:
+    return DataError(f"{name}: the corpus is empty: none of its {documents:,} document(s) has any text (all are empty "
+                     "or only whitespace), so there is nothing to pretrain on",
+                     "point --data at a corpus with text: a .txt file (one document per paragraph), a .jsonl file "
+                     "with a \"text\" field per line, or parquet shards with a 'text' column")
+
+
+def _require_text_in_shards(name: str, shards: list, text_column: str) -> None:
+    """DataError unless some document of ``shards`` has text; reads row groups until the first one that does (for
+    real data: one row group of the first shard)."""
+    documents = 0
+    for shard in shards:
+        read = shard.reader()
+        for group, rows in enumerate(shard.row_group_rows):
+            if rows and first_text(read(group)) is not None:
+                return
+            documents += rows
+    raise _no_text(name, documents)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import operator
+import threading
 import time
 
 _MATH_CHARS = frozenset("0123456789*+-/.() ")
@@ -23,6 +24,10 @@ _DANGEROUS = ("__", "import", "exec", "eval", "compile", "open", "file", "input"
               "vars", "dir", "getattr", "setattr", "delattr", "hasattr")
 MAX_EXPR_CHARS = 10_000  # far above any useful calculation; bounds every intermediate result
 MAX_DEPTH = 300  # nesting comes only from parentheses here, which Python's parser caps at 200
+# Pathologically nested expressions ("-"*9999 + "1", 5000 parentheses) make CPython's parser give up with a
+# MemoryError or SyntaxError, and on 3.11 occasionally with a SystemError when several threads parse at once (its
+# AST recursion bookkeeping is shared): parsing takes milliseconds at MAX_EXPR_CHARS, so one parse at a time.
+_PARSE_LOCK = threading.Lock()
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv}
@@ -136,9 +141,11 @@ def use_calculator(expr: str, timeout: float = 3.0):
         return None
     deadline = time.monotonic() + timeout
     try:
-        tree = ast.parse(expr.lstrip(" "), mode="eval")  # eval() ignores leading spaces, ast.parse does not
+        with _PARSE_LOCK:
+            tree = ast.parse(expr.lstrip(" "), mode="eval")  # eval() ignores leading spaces, ast.parse does not
         result = _Evaluator(deadline).eval(tree)
         str(result)  # ints beyond Python's str() digit limit cannot be shown to the model
-    except (_Refused, SyntaxError, ValueError, TypeError, ArithmeticError, RecursionError, MemoryError):
+    except (_Refused, SyntaxError, ValueError, TypeError, ArithmeticError, RecursionError, MemoryError,
+            SystemError):  # SystemError: the parser's own limits on pathological nesting (see _PARSE_LOCK)
         return None
     return result

@@ -28,6 +28,7 @@ from modeling_nanochat.checkpoints.architecture import (BLOCK, EMBEDDING, LM_HEA
                                                          meta_model, parameter_roles)
 from modeling_nanochat.optim.schedules import (pretrain_lr_multiplier, pretrain_muon_momentum,
                                                  pretrain_muon_weight_decay)
+from modeling_nanochat.utils.errors import NanochatError
 
 B_REF = 2**19  # tokens per step nanochat found best at d12
 REFERENCE_DEPTH = 12
@@ -120,7 +121,7 @@ class TrainingPlan:
         return d
 
 
-class PlanError(ValueError):
+class PlanError(NanochatError):
     """An impossible combination of training settings, found before any compute."""
 
 

@@ -26,6 +26,12 @@ What the mixin changes, and why:
   rank 0 only and hang; ``_save_optimizer_and_scheduler`` then gathers on every rank and writes on rank 0.
 * DeepSpeed and FSDP are refused with a clear message: both flatten or shard the parameters, while Muon needs each
   weight matrix whole (use the DDP accelerate configs; ZeRO has its own Muon, see modeling_nanochat/optim/zero.py).
+* SIGTERM / SIGINT during ``train()`` (``SaveOnSignal``, on by default, ``save_on_signal=False`` turns it off): the
+  handler only notes the signal; at the end of the current optimizer step every rank agrees to stop (one tiny
+  all-reduce per step under several processes), the Trainer saves its normal ``checkpoint-<step>`` (weights,
+  optimizer, scheduler, RNG, trainer_state.json: ``resume_from_checkpoint`` continues exactly) and ``train()`` raises
+  ``TrainingInterrupted``; entry points print it (``report_interrupted``) and exit with 128 + signum. A repeated
+  signal while the checkpoint is written is ignored (a second Ctrl-C *before* the step ends stops at once).
 
 Also here: ``load_optimizer_state`` (warm-start from a pretraining checkpoint's optimizer state when it fits).
 """
@@ -34,6 +40,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
+import threading
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,9 +122,31 @@ class MuonAdamWTrainerMixin:
     Trainer class and pass ``muon_setup=MuonAdamWSetup(...)`` (default: nanochat's groups, constant LR, momentum
     0.95). See the module docstring for what it overrides and why."""
 
-    def __init__(self, *args, muon_setup: MuonAdamWSetup | None = None, **kwargs):
+    def __init__(self, *args, muon_setup: MuonAdamWSetup | None = None, save_on_signal: bool = True, **kwargs):
         self.muon_setup = muon_setup or MuonAdamWSetup()
         super().__init__(*args, **kwargs)
+        # appended after DefaultFlowCallback, so its on_step_end has the last word on this step's control flags
+        self.signal_callback = SaveOnSignal() if save_on_signal else None
+        if self.signal_callback is not None:
+            self.add_callback(self.signal_callback)
+
+    def train(self, *args, **kwargs):
+        """Trainer.train; on SIGTERM/SIGINT: the step finishes, ``checkpoint-<step>`` is saved, then
+        ``TrainingInterrupted`` is raised (see ``SaveOnSignal``). The previous signal handlers are restored."""
+        stop = self.signal_callback
+        if stop is None:
+            return super().train(*args, **kwargs)
+        with stop:
+            result = super().train(*args, **kwargs)
+        if stop.stop_signum:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            checkpoint = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{stop.step}")
+            raise TrainingInterrupted(stop.stop_signum, stop.step, checkpoint, self.is_world_process_zero())
+        if stop.signum and self.is_world_process_zero():  # came after the last step: the run is complete anyway
+            print(f"{_signal_name(stop.signum)} received after the last step: finishing the run",
+                  file=sys.stderr, flush=True)
+        return result
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -213,6 +244,96 @@ def load_optimizer_state(optimizer, state: dict, *, keep: tuple[str, ...] = ("lr
     return None
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# SIGTERM / SIGINT: finish the step, save a Trainer checkpoint, exit 128 + signum
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived during ``train()``; the step was finished and ``checkpoint`` saved by the Trainer.
+    ``exit_status`` is 128 + signum (143 for SIGTERM, 130 for SIGINT); entry points use ``report_interrupted``."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str, is_main: bool = True):
+        self.signum, self.step, self.checkpoint, self.is_main = signum, step, checkpoint, is_main
+        self.exit_status = 128 + signum
+        super().__init__(f"interrupted by {_signal_name(signum)} at step {step}: saved {checkpoint}; "
+                         f"resume with --resume_from_checkpoint {checkpoint}")
+
+
+def report_interrupted(error: TrainingInterrupted) -> int:
+    """Print the one line (main process only, stderr) and return the exit status, 128 + signum."""
+    if error.is_main:
+        print(error, file=sys.stderr, flush=True)
+    return error.exit_status
+
+
+class SaveOnSignal(TrainerCallback):
+    """Stop cleanly on SIGTERM/SIGINT. Used as a context manager around ``Trainer.train`` (the mixin does this):
+    entering installs the handlers, leaving restores the previous ones.
+
+    The handler only records the signal (nothing is saved from inside it). At every ``on_step_end`` the ranks agree
+    on it (max over a one-element all-reduce, so a rank that missed the signal stops at the same step as the others,
+    and no rank waits in a collective the others never reach); then ``should_save`` and ``should_training_stop`` are
+    set and an evaluation due at that step is skipped (a launcher or scheduler gives only a grace period). Afterwards
+    ``stop_signum`` / ``step`` say why and where it stopped.
+
+    Repeated signals do not cut the save short: launchers forward the signal they got (torchrun also turns a Ctrl-C
+    into SIGTERM for its workers), so a second SIGTERM, or any signal once the stop is under way, is ignored. Only a
+    second Ctrl-C (SIGINT) before the step ends raises KeyboardInterrupt right away (no checkpoint).
+
+    The handlers are installed in the main thread only (Python allows no other); elsewhere this is inert."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None  # first signal this process received
+        self.stop_signum: int | None = None  # the signal all ranks stopped for
+        self.step: int | None = None  # global step of the checkpoint
+        self._old: dict = {}
+
+    def __enter__(self):
+        self.signum = self.stop_signum = self.step = None
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._old = {}
+        return False
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        if self.signum is None:
+            self.signum = signum
+        elif signum == self.signum == signal.SIGINT and self.stop_signum is None:
+            raise KeyboardInterrupt  # a second Ctrl-C before the checkpoint starts: stop now
+
+    def on_step_end(self, args, state, control, **kwargs):
+        signum = self.signum or 0
+        if rank_world()[1] > 1:  # every rank calls this at every step, so the collective always matches
+            import torch.distributed as dist
+
+            flag = torch.tensor([signum], dtype=torch.int64, device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if signum and self.stop_signum is None:
+            self.stop_signum, self.step = signum, state.global_step
+            if state.is_world_process_zero:
+                print(f"{_signal_name(signum)} received: saving a checkpoint at step {state.global_step} "
+                      "before exiting", file=sys.stderr, flush=True)
+        if self.stop_signum:
+            control.should_save = control.should_training_stop = True
+            control.should_evaluate = False
+        return control
+
 
 class MetricsFileCallback(TrainerCallback):
     """For TRL/transformers trainers (SFT, GRPO): every log line also goes to ``<output_dir>/metrics.jsonl`` (main
@@ -222,12 +343,16 @@ class MetricsFileCallback(TrainerCallback):
         self.path, self.log = path, None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.log = MetricsLog(self.path, state.is_world_process_zero, truncate_from=state.global_step)
+        # Trainer logs a step's rows under the number of finished steps, so on a resume from checkpoint-N the rows
+        # of step N belong to the saved run and stay; only later ones are dropped (fresh run: all)
+        step = state.global_step
+        self.log = MetricsLog(self.path, state.is_world_process_zero, truncate_from=step + 1 if step else 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.log is not None and logs:
             self.log.write(step=state.global_step, **{k: v for k, v in logs.items()
                                                       if isinstance(v, (int, float)) and math.isfinite(v)})
 
-__all__ = ["MuonAdamWTrainerMixin", "MuonAdamWSetup", "MetricsFileCallback", "nanochat_param_groups", "load_optimizer_state",
-           "optimizer_state_mismatch", "unwrap_optimizer", "state_dict_is_collective"]
+__all__ = ["MuonAdamWTrainerMixin", "MuonAdamWSetup", "MetricsFileCallback", "nanochat_param_groups",
+           "load_optimizer_state", "optimizer_state_mismatch", "unwrap_optimizer", "state_dict_is_collective",
+           "SaveOnSignal", "TrainingInterrupted", "report_interrupted"]

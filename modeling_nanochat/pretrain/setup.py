@@ -74,7 +74,11 @@ def run(args):
     is_main = rank == 0
     deepspeed = acc.distributed_type.name == "DEEPSPEED"
     if deepspeed and args.optimizer == "muonadamw":
-        args.optimizer = "muon"  # nanochat's optimizer shards itself and cannot live inside ZeRO; DeepSpeed's Muon can
+        raise RunError("--optimizer muonadamw cannot run under DeepSpeed ZeRO: nanochat's optimizer shards its own "
+                       "state, ZeRO shards it again", "use --optimizer muon (DeepSpeed's Muon, the default under "
+                       "DeepSpeed) or adamw, or launch without the DeepSpeed accelerate config for MuonAdamW")
+    if args.optimizer is None:  # the default: nanochat's optimizer, or DeepSpeed's Muon inside ZeRO
+        args.optimizer = "muon" if deepspeed else "muonadamw"
     if not deepspeed and args.optimizer != "muonadamw":
         raise RunError(f"--optimizer {args.optimizer} is the DeepSpeed path; launch with a DeepSpeed accelerate "
                        "config (accelerate_configs/zero2_8gpu.yaml) or use --optimizer muonadamw")
@@ -84,10 +88,12 @@ def run(args):
     try:
         resume_ckpt = None if args.print_plan else prepare_output_dir(
             args.output_dir, resume=args.resume, overwrite=args.overwrite, is_main=is_main)
-        tokenizer, token_bytes = _load_tokenizer(args, resume_ckpt)
+        # the plan needs only a vocabulary size: --print-plan works without a tokenizer (--vocab-size)
+        tokenizer, token_bytes = (None, None) if args.print_plan and not args.tokenizer else \
+            _load_tokenizer(args, resume_ckpt)
         config, plan = _config_and_plan(args, tokenizer, world)
     except (PlanError, ValueError) as e:  # RunError is a ValueError too: one typed error for the entry point
-        raise RunError(str(e)) from e
+        raise RunError(_name_the_flag(str(e))) from e
     if args.print_plan:
         if is_main:
             print(json.dumps(plan.to_dict(), indent=2))
@@ -115,16 +121,30 @@ def run(args):
     return trainer.run()
 
 
+# the config's names for what recipes/pretrain.py's flags set: an error about one names the flag too
+_FLAGS = {"max_position_embeddings": "--max-seq-len", "aspect_ratio": "--aspect-ratio", "head_dim": "--head-dim",
+          "window_pattern": "--window-pattern", "depth": "--depth", "vocab_size": "--vocab-size"}
+
+
+def _name_the_flag(message: str) -> str:
+    found = [(message.find(name), flag) for name, flag in _FLAGS.items() if name in message]
+    if not found or any(flag in message for _, flag in found):
+        return message
+    return f"{min(found)[1]}: {message}"
+
+
 def _config_and_plan(args, tokenizer, world: int):
     """The model config from the depth dial and the tokenizer's special ids, and the run's plan (optim/scaling)."""
     from modeling_nanochat.configuration_nanochat import NanoChatConfig
 
-    config = NanoChatConfig(
-        depth=args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
-        max_position_embeddings=args.max_seq_len, window_pattern=args.window_pattern, vocab_size=len(tokenizer),
+    special = {} if tokenizer is None else dict(
         bos_token_id=tokenizer.convert_tokens_to_ids("<|bos|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|assistant_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|bos|>"))
+    config = NanoChatConfig(
+        depth=args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+        max_position_embeddings=args.max_seq_len, window_pattern=args.window_pattern,
+        vocab_size=len(tokenizer) if tokenizer is not None else args.vocab_size, **special)
     plan = plan_training(
         config, world_size=world, device_batch_size=args.device_batch_size,
         target_param_data_ratio=args.target_param_data_ratio, total_batch_size=args.total_batch_size,

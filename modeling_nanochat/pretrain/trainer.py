@@ -34,17 +34,18 @@ import torch.distributed as dist
 from evaluation.samples import SAMPLE_PROMPTS, greedy_completions
 
 from modeling_nanochat.checkpoints.handover import BASE_LR_NAMES, PretrainHandover
-from modeling_nanochat.checkpoints.training_state import (STATE_DIR, checkpoint_path, latest_checkpoint,
-                                                          list_checkpoints, load_training_state, prune_checkpoints,
-                                                          save_checkpoint)
+from modeling_nanochat.checkpoints.training_state import (CHECKPOINT_NAME, STATE_DIR, checkpoint_path,
+                                                          latest_checkpoint, list_checkpoints, load_training_state,
+                                                          prune_checkpoints, save_checkpoint)
 from modeling_nanochat.optim.scaling import peak_flops
 from modeling_nanochat.optim.schedules import apply_schedule
 from modeling_nanochat.utils.distributed import rank_world
-from modeling_nanochat.utils.io import atomic_copy, remove_stale_temp_dirs, replace_dir
+from modeling_nanochat.utils.io import OutputError, atomic_copy, remove_stale_temp_dirs, replace_dir
 from modeling_nanochat.utils.run_files import MetricsLog
+from modeling_nanochat.utils.errors import NanochatError
 
 
-class RunError(ValueError):
+class RunError(NanochatError):
     """A problem with the run's settings or output directory, reported before any compute."""
 
 
@@ -63,6 +64,10 @@ class LoopState:
     val_bpb: float | None = None
     min_val_bpb: float = math.inf
     total_training_time: float = 0.0  # seconds, excluding the first 10 steps and all evaluation
+
+
+# flags that shape the model: a --resume with any of them changed is refused, naming the flag
+_SAME_ON_RESUME = ("depth", "aspect_ratio", "head_dim", "window_pattern", "max_seq_len")
 
 
 def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -221,8 +226,14 @@ class Pretrainer:
             return path
         opt_state = self.optimizer.state_dict()  # a collective for MuonAdamW: every rank calls it
         if self.is_main:
-            save_checkpoint(path, model=self.model, tokenizer=self.tokenizer, optimizer_state=opt_state,
-                            loader_states=loader_states, trainer_state=self.trainer_state(), handover=self.handover())
+            try:
+                save_checkpoint(path, model=self.model, tokenizer=self.tokenizer, optimizer_state=opt_state,
+                                loader_states=loader_states, trainer_state=self.trainer_state(),
+                                handover=self.handover())
+            except OutputError as e:  # a full disk: say which checkpoint is the last good one
+                last = latest_checkpoint(self.out)
+                raise RunError(f"{e.problem}\n  the run stopped at step {self.state.step}; the last complete "
+                               f"checkpoint is {last or 'none'}", f"{e.fix}, then continue with --resume") from e
             if final:
                 publish_final_model(path, self.out)
             prune_checkpoints(self.out, self.args.keep_last)
@@ -261,22 +272,31 @@ class Pretrainer:
             raise RunError(
                 f"{path} was saved by {trainer_state['world_size']} processes but this run has {self.world}: the data "
                 "loader's position is per process, so an exact resume needs the same number of processes. Launch "
-                f"with --num_processes {trainer_state['world_size']}, or start a new --output-dir and load the weights "
-                f"with --init-from {path}")
+                f"with --num_processes {trainer_state['world_size']}, or start a new --output-dir")
         saved_opt = trainer_state.get("run_config", {}).get("optimizer")
         if saved_opt != self.run_config.get("optimizer") or (opt_state is None) != (self.ds is not None):
             raise RunError(f"{path} was trained with optimizer {saved_opt!r}, this run uses "
                            f"{self.run_config.get('optimizer')!r} (DeepSpeed: {self.ds is not None}); resume with the "
                            "same accelerate config and --optimizer")
+        saved_args = trainer_state.get("run_config", {}).get("args", {})
+        for key in _SAME_ON_RESUME:  # the architecture flags: the saved weights only fit the same model
+            now, then = getattr(self.args, key, None), saved_args.get(key, getattr(self.args, key, None))
+            if now != then:
+                flag = "--" + key.replace("_", "-")
+                raise RunError(f"--resume: {flag} is {now!r} now but was {then!r} for {path}",
+                               f"resume with {flag} {then}, or start a new --output-dir")
         saved_plan = trainer_state["plan"]
         for key in ("depth", "max_seq_len", "vocab_size", "total_batch_size", "device_batch_size", "num_iterations"):
-            if saved_plan[key] != getattr(self.plan, key):
-                raise RunError(f"--resume: {key} is {getattr(self.plan, key)} now but {saved_plan[key]} in {path}; "
+            if saved_plan.get(key) != getattr(self.plan, key):
+                raise RunError(f"--resume: {key} is {getattr(self.plan, key)} now but {saved_plan.get(key)} in {path}; "
                                "resume with the same settings, or use a new --output-dir")
         if self.ds is not None:  # DeepSpeed restores the fp32 masters and the optimizer from its own shards
             self.ds.load_checkpoint(os.path.join(path, STATE_DIR, "deepspeed"), tag="state")
         else:
             from safetensors.torch import load_file
+
+            from modeling_nanochat.checkpoints.model_dirs import check_weights
+            check_weights(path)  # a truncated file is a CheckpointError naming it, not safetensors' own error
             state = load_file(os.path.join(path, "model.safetensors"))
             missing, unexpected = self.model.load_state_dict(state, strict=False)
             if unexpected or [k for k in missing if "inv_freq" not in k]:
@@ -406,6 +426,14 @@ def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool, is_mai
     exists = os.path.isdir(output_dir) and any(not n.startswith(".") for n in os.listdir(output_dir))
     if resume:
         ckpt = latest_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        # Checkpoints without their training state (copied models, a damaged run): starting over would overwrite
+        # them, so refuse. A run that died before its first checkpoint has nothing to lose and starts over.
+        names = sorted(n for n in os.listdir(output_dir) if CHECKPOINT_NAME.match(n)) if exists else []
+        if ckpt is None and names:
+            raise RunError(f"--resume: nothing to resume in {output_dir}: {', '.join(names)} hold no "
+                           f"{STATE_DIR}/trainer_state.json (a model without its training state)",
+                           "to train on from those weights, start a new run (--output-dir elsewhere); to start over "
+                           "here, pass --overwrite instead of --resume")
         return ckpt
     if exists and not overwrite:
         raise RunError(f"{output_dir} already holds a run; pass --resume to continue it from its last checkpoint, "

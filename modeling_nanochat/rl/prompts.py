@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from modeling_nanochat.utils.errors import NanochatError
+
 
 def gsm8k_prompt_dataset(data=None, split: str = "train", limit: int | None = None):
     """GSM8K ("main") as a TRL prompt dataset: ``prompt`` = ``[{"role": "user", "content": question}]``, ``answer`` =
@@ -36,5 +38,5 @@ PROMPTS: dict[str, Callable] = {"gsm8k": gsm8k_prompt_dataset}
 def prompt_dataset(name: str, data=None, split: str = "train", limit: int | None = None):
     """The prompt dataset registered as ``name`` (see PROMPTS), from ``data`` (None: its Hub source)."""
     if name not in PROMPTS:
-        raise ValueError(f"unknown prompts {name!r}: choose one of {sorted(PROMPTS)} (modeling_nanochat/rl/prompts.py)")
+        raise NanochatError(f"unknown prompts {name!r}: choose one of {sorted(PROMPTS)} (modeling_nanochat/rl/prompts.py)")
     return PROMPTS[name](data, split, limit)

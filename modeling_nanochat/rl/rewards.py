@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable
 
 from evaluation.metrics.gsm8k.extraction import is_correct
 
+from modeling_nanochat.utils.errors import NanochatError
+
 
 def completion_to_text(completion) -> str:
     """A TRL completion as text: a string (standard format) or a list of messages (conversational format, the
@@ -88,8 +90,8 @@ def register_reward(name: str) -> Callable[[RewardFunc], RewardFunc]:
     return add
 
 
-def _unresolvable(spec: str, problem: str) -> ValueError:
-    return ValueError(f"cannot resolve reward {spec!r}: {problem}. Use a registered name "
+def _unresolvable(spec: str, problem: str) -> NanochatError:
+    return NanochatError(f"cannot resolve reward {spec!r}: {problem}. Use a registered name "
                       f"({', '.join(sorted(REWARDS))}; see modeling_nanochat/rl/rewards.py) or a dotted path "
                       f"package.module.function to a function with TRL's reward signature")
 
@@ -130,6 +132,6 @@ def resolve_rewards(specs: Iterable[str | RewardFunc]) -> list[RewardFunc]:
         specs = [specs]
     funcs = [resolve_reward(spec) for spec in specs]
     if not funcs:
-        raise ValueError(f"no reward functions given: name at least one ({', '.join(sorted(REWARDS))}) or a dotted "
+        raise NanochatError(f"no reward functions given: name at least one ({', '.join(sorted(REWARDS))}) or a dotted "
                          f"path package.module.function")
     return funcs

@@ -38,7 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from modeling_nanochat.tokenizer.chat_format import normalize_messages, render_conversation
+from modeling_nanochat.data.files import NOT_JSON_FIX, load_files, read_lines
+from modeling_nanochat.tokenizer.chat_format import PART_TYPES, normalize_messages, render_conversation
+from modeling_nanochat.utils.errors import DataError, NanochatError
 
 MIXTURE_SEED = 42  # random.Random(42) over the flattened mixture (nanochat's TaskMixture)
 VAL_LIMITS = {"mmlu": 5200, "gsm8k": 420}  # nanochat's val mixture takes the first rows of these (after the shuffle)
@@ -84,16 +86,43 @@ def jsonl_conversation(row: dict) -> dict:
     return parse_conversation(json.loads(row["conversation"]))
 
 
+CONVERSATION_FORM = ('[{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...] (or '
+                     '{"messages": [...]}), roles alternating user/assistant after one optional first system message, '
+                     'ending with the assistant')
+
+
 def parse_conversation(obj) -> dict:
-    """A JSONL line's conversation: nanochat's CustomJSON array of messages, or ``{"messages": [...]}``."""
+    """A JSONL line's conversation: nanochat's CustomJSON array of messages, or ``{"messages": [...]}``, checked as
+    training data (DataError): the renderer's rules (roles, contents, part types), no empty assistant turn, and tool
+    parts in the order the model produces them (each ``python_output`` right after its ``python`` call)."""
     if isinstance(obj, list):
         obj = {"messages": obj}
     if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-        raise ValueError('expected a JSON array of messages or an object {"messages": [...]}')
-    normalize_messages(obj)  # roles alternate user/assistant, contents are strings or assistant part lists
-    if obj["messages"][-1]["role"] != "assistant":
-        raise ValueError("the last message must be the assistant's (there is nothing to learn otherwise)")
+        raise DataError('expected a JSON array of messages or an object {"messages": [...]}',
+                        f"write each conversation on one line as {CONVERSATION_FORM}")
+    msgs = normalize_messages(obj)  # roles alternate user/assistant, contents are strings or assistant part lists
+    if msgs[-1]["role"] != "assistant":
+        raise DataError("the last message must be the assistant's (there is nothing to learn otherwise)",
+                        "end the conversation with the assistant's reply, or drop its trailing user message")
+    offset = len(obj["messages"]) - len(msgs)  # a leading system message was merged into the first user message
+    for i, m in enumerate(msgs):
+        if m["role"] == "assistant":
+            _check_assistant_turn(i + offset, m["content"])
     return {"messages": obj["messages"]}
+
+
+def _check_assistant_turn(i: int, content) -> None:
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not any(p["text"].strip() for p in parts if p["type"] != "python_output"):
+        raise DataError(f"assistant message {i} is empty: it would teach the model to answer with nothing",
+                        "write the assistant's reply, or delete the conversation")
+    for j, part in enumerate(parts):
+        if part["type"] == "python_output" and (j == 0 or parts[j - 1]["type"] != "python"):
+            before = "it is the first part" if j == 0 else f"it follows a {parts[j - 1]['type']!r} part"
+            raise DataError(f"assistant message {i}, part {j}: a 'python_output' part must come right after the "
+                            f"'python' call that produced it, but {before}",
+                            "order the parts as the model produces them: ... {'type': 'python', ...}, "
+                            "{'type': 'python_output', ...} ... (part types: " + ", ".join(PART_TYPES) + ")")
 
 
 @dataclass(frozen=True)
@@ -142,12 +171,10 @@ def local_source_files(data_dir: str | os.PathLike, source: Source, split: str) 
 
 def load_source_rows(source: Source, split: str, data_dir: str | os.PathLike | None = None):
     """The raw rows of one source and split (a ``datasets.Dataset``, not shuffled), checked for their columns."""
-    from datasets import load_dataset
-
     hub_split = source.splits[split]
     if data_dir is not None:
         files = local_source_files(data_dir, source, hub_split)
-        rows = load_dataset(_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
+        rows = load_files(_BUILDERS[files[0].suffix], files)  # a broken file: DataError naming the file and line
         where = ", ".join(str(f) for f in files[:3])
     else:
         from evaluation.tasks.common import HubSource, load_hub_rows
@@ -162,7 +189,8 @@ def load_source_rows(source: Source, split: str, data_dir: str | os.PathLike | N
         where = f"{source.repo} ({source.subset}, {hub_split})"
     missing = [c for c in source.columns if c not in rows.column_names]
     if missing:
-        raise ValueError(f"{where}: missing columns {missing} of the {source.repo} format (found {rows.column_names})")
+        raise DataError(f"{where}: missing columns {missing} of the {source.repo} format (found {rows.column_names})",
+                        f"give every row the fields {list(source.columns)} (the {source.repo} format)")
     return rows
 
 
@@ -184,17 +212,22 @@ def load_jsonl_rows(path: str | os.PathLike):
     if not path.is_file():
         raise FileNotFoundError(f"conversations file {path} not found (--extra-jsonl PATH[:epochs])")
     lines = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                parse_conversation(json.loads(line))
-            except (ValueError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}:{number}: {e}") from e
-            lines.append(line)
+    for number, line in read_lines(path):  # bytes that are not UTF-8: DataError naming path:line
+        if not line.strip():
+            continue
+        try:
+            parse_conversation(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})",
+                            f"{NOT_JSON_FIX}; each line is one conversation: {CONVERSATION_FORM}") from None
+        except NanochatError as e:
+            raise DataError(f"{path}:{number}: {e.problem}", e.fix) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{number}: {e}", f"write each conversation as {CONVERSATION_FORM}") from None
+        lines.append(line)
     if not lines:
-        raise ValueError(f"{path} holds no conversations")
+        raise DataError(f"{path} holds no conversations (it is empty)",
+                        f"write one conversation per line: {CONVERSATION_FORM}")
     return Dataset.from_dict({"conversation": lines})
 
 
@@ -208,8 +241,10 @@ def _render_batch(batch: dict, indices: list[int], *, tokenizer, to_conversation
         row = {k: v[j] for k, v in batch.items()}
         try:
             ids, mask = render_conversation(tokenizer, to_conversation(row), max_tokens=max_tokens)
+        except NanochatError as e:
+            raise DataError(f"{label} row {index}: {e.problem}", e.fix) from e
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{label} row {index}: {e}") from e
+            raise DataError(f"{label} row {index}: {e}", "fix or drop that row of the source") from e
         out["input_ids"].append(ids)
         out["mask"].append(mask)
         out["length"].append(len(ids))

@@ -24,6 +24,7 @@ from modeling_nanochat.checkpoints.handover import HANDOVER_FILE, HandoverError,
 from modeling_nanochat.checkpoints.model_dirs import is_model_dir
 from modeling_nanochat.checkpoints.training_state import STATE_DIR, latest_checkpoint
 from modeling_nanochat.utils.io import atomic_write
+from modeling_nanochat.utils.errors import NanochatError
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ FALLBACKS = dict(device_batch_size=32, total_batch_size=524288, embedding_lr=0.3
                  matrix_lr=0.02)
 
 
-class SFTSetupError(ValueError):
+class SFTSetupError(NanochatError):
     """A problem with the starting checkpoint, the data or the settings, found before training."""
 
 

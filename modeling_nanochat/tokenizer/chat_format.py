@@ -28,6 +28,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from modeling_nanochat.tokenizer.tokenizer import encode_ordinary, special_token_id
+from modeling_nanochat.utils.errors import DataError
+
+ROLES_FIX = ("order the messages user, assistant, user, assistant, ... (one optional 'system' message may come first; "
+             "roles are 'system', 'user' and 'assistant')")
 
 PART_TYPES = ("text", "python", "python_output")
 
@@ -75,7 +79,8 @@ CHAT_TEMPLATE = (
 def _messages(conversation) -> list:
     msgs = conversation.get("messages") if isinstance(conversation, Mapping) else conversation
     if not isinstance(msgs, list) or not msgs:
-        raise ValueError('a conversation is {"messages": [...]} (or the list itself) with at least one message')
+        raise DataError('a conversation is {"messages": [...]} (or the list itself) with at least one message',
+                        'give the conversation its messages: [{"role": "user", "content": ...}, ...]')
     return msgs
 
 
@@ -84,24 +89,29 @@ def normalize_messages(conversation) -> list[dict]:
     msgs = _messages(conversation)
     for i, m in enumerate(msgs):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}")
+            raise DataError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}",
+                            'write each message as {"role": ..., "content": ...}')
     if msgs[0]["role"] == "system":
         if len(msgs) < 2 or msgs[1]["role"] != "user":
-            raise ValueError("a system message must be followed by a user message (it is merged into it)")
+            raise DataError("a system message must be followed by a user message (it is merged into it)", ROLES_FIX)
         if not isinstance(msgs[0]["content"], str) or not isinstance(msgs[1]["content"], str):
-            raise ValueError("system and user contents must be strings")
+            raise DataError("system and user contents must be strings", "write those contents as plain strings")
         msgs = [{"role": "user", "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}, *msgs[2:]]
+    offset = len(_messages(conversation)) - len(msgs)  # 1 when a system message was merged: report given indices
     for i, m in enumerate(msgs):
         expected = "user" if i % 2 == 0 else "assistant"
+        n = i + offset
         if m["role"] != expected:
-            raise ValueError(
-                f"message {i} has role {m['role']!r} but roles must alternate user/assistant starting with user "
-                "(one optional system message first)"
-            )
+            where = ("a system message is allowed only first" if m["role"] == "system" else
+                     f"expected {expected!r} there" if m["role"] in ("user", "assistant") else
+                     f"{m['role']!r} is not a role, expected {expected!r}")
+            raise DataError(f"message {n} has role {m['role']!r} but roles must alternate user/assistant starting "
+                            f"with user (one optional system message first; {where})", ROLES_FIX)
         if expected == "user" and not isinstance(m["content"], str):
-            raise ValueError(f"user message {i}: content must be a string, got {type(m['content']).__name__}")
+            raise DataError(f"user message {n}: content must be a string, got {type(m['content']).__name__}",
+                            "write the user's message as a plain string")
         if expected == "assistant":
-            _check_parts(i, m["content"])
+            _check_parts(n, m["content"])
     return msgs
 
 
@@ -109,11 +119,14 @@ def _check_parts(i: int, content) -> None:
     if isinstance(content, str):
         return
     if not isinstance(content, list):
-        raise ValueError(f"assistant message {i}: content must be a string or a list of parts")
+        raise DataError(f"assistant message {i}: content must be a string or a list of parts",
+                        "write the reply as a string, or as parts [{'type': 'text', 'text': ...}, ...]")
     for j, part in enumerate(content):
         if not isinstance(part, Mapping) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
-            raise ValueError(
-                f"assistant message {i}, part {j}: expected {{'type': one of {PART_TYPES}, 'text': str}}, got {part!r:.80}"
+            raise DataError(
+                f"assistant message {i}, part {j}: expected {{'type': one of {PART_TYPES}, 'text': str}}, "
+                f"got {part!r:.80}",
+                f"give every part a 'type' ({', '.join(PART_TYPES)}) and a string 'text'"
             )
 
 

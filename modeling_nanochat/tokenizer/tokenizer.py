@@ -30,6 +30,8 @@ from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
 
+from modeling_nanochat.utils.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = [
@@ -252,10 +254,19 @@ def load_token_bytes(directory: str, device: str | torch.device = "cpu") -> torc
 def token_bytes_of(directory: str, tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
     """The byte length of every token, for bits per byte: the directory's token_bytes.pt (nanochat's counts, kept
     as saved) or, for a tokenizer saved without one, computed from the tokenizer."""
-    try:
-        return load_token_bytes(directory)
-    except FileNotFoundError:
+    path = Path(directory) / TOKEN_BYTES_FILE
+    if not path.exists():
         return compute_token_bytes(tokenizer)
+    fix = f"delete {path} (it is then computed from the tokenizer) or re-save the tokenizer with save_tokenizer"
+    try:
+        token_bytes = load_token_bytes(directory)
+    except Exception as e:  # torch.load's errors for a damaged file are RuntimeError, EOFError, UnpicklingError...
+        raise DataError(f"{path} is unreadable ({type(e).__name__}: {e})", fix) from None
+    if not isinstance(token_bytes, torch.Tensor) or tuple(token_bytes.shape) != (len(tokenizer),):
+        shape = tuple(token_bytes.shape) if isinstance(token_bytes, torch.Tensor) else type(token_bytes).__name__
+        raise DataError(f"{path} holds {shape}, not one count per token of this tokenizer ({len(tokenizer)},): it "
+                        "belongs to another tokenizer", fix)
+    return token_bytes
 
 
 def load_tokenizer(directory: str) -> PreTrainedTokenizerFast:

@@ -7,17 +7,67 @@ target, so a crash leaves only `.tmp-*` entries, which `remove_stale_temp_dirs` 
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
 import shutil
 import tempfile
 
+try:
+    import resource  # POSIX only
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
+from modeling_nanochat.utils.errors import NanochatError
+
 TMP_PREFIX = ".tmp-"
+# Errors of the file system that are the machine's state, not a bug: no permission, a read-only or full disk, a
+# file-size limit. They become an OutputError naming the path; the temp is removed and what was there stays.
+_WRITE_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                 errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+                 errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large (a file-size limit)"}
 
 
-class OutputExistsError(ValueError):
+class OutputExistsError(NanochatError):
     """The output directory holds something and overwriting it was not asked for."""
+
+
+class OutputError(NanochatError):
+    """Writing an output failed for a reason of the machine (permissions, a full disk); nothing old was touched."""
+
+
+def _write_errno(e: BaseException, path) -> int | None:
+    """The errno of a failed write: an OSError's own; the one in the text of safetensors' SafetensorError ("File too
+    large (os error 27)"); for torch.save, whose writer reports only "unexpected pos N vs M", the machine's state
+    (a file-size limit is set, or the disk is nearly full)."""
+    if isinstance(e, OSError):
+        return e.errno
+    text = str(e)
+    for code in _WRITE_ERRNOS:
+        if f"os error {code})" in text or os.strerror(code) in text:
+            return code
+    if "inline_container" in text or "PytorchStreamWriter" in text:
+        if resource is not None and resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            return errno.EFBIG
+        folder = os.path.dirname(os.path.abspath(str(path)))
+        while folder and not os.path.isdir(folder):
+            folder = os.path.dirname(folder)
+        if shutil.disk_usage(folder or ".").free < 64 * 2**20:
+            return errno.ENOSPC
+    return None
+
+
+def output_error(e: BaseException, path) -> OutputError | None:
+    """The OutputError for a write that failed for one of `_WRITE_ERRNOS` under `path`, else None (a bug)."""
+    code = _write_errno(e, path)
+    if code not in _WRITE_ERRNOS:
+        return None
+    fix = "free some space (or raise the limit) and run again" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) \
+        else "choose a writable output directory"
+    where = getattr(e, "filename", None) or path
+    return OutputError(f"cannot write {path}: {_WRITE_ERRNOS[code]} ({where}); what was there before is unchanged",
+                       fix)
 
 
 class atomic_dir:
@@ -34,13 +84,18 @@ class atomic_dir:
 
     def __enter__(self) -> str:
         parent = os.path.dirname(self.out_dir)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=self.prefix, dir=parent)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self.tmp = tempfile.mkdtemp(prefix=self.prefix, dir=parent)
+        except OSError as e:
+            raise (output_error(e, self.out_dir) or e) from e
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if (err := output_error(exc, self.out_dir)) is not None:
+                raise err from exc
             return False
         replace_dir(self.tmp, self.out_dir)
         return False
@@ -59,8 +114,11 @@ def replace_dir(src: str, dst: str) -> None:
 
 def _temp_beside(path: str, suffix: str = "") -> str:
     folder = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + "-", suffix=suffix, dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + "-", suffix=suffix, dir=folder)
+    except OSError as e:
+        raise (output_error(e, path) or e) from e
     os.close(fd)
     return tmp
 
@@ -72,9 +130,11 @@ def atomic_write(path, data: str | bytes) -> None:
         with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if (err := output_error(e, path)) is not None:
+            raise err from e
         raise
 
 
@@ -88,9 +148,11 @@ def atomic_copy(src, dst) -> None:
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if (err := output_error(e, dst)) is not None:
+            raise err from e
         raise
 
 

@@ -477,3 +477,43 @@ def test_build_param_groups_on_the_real_model():
     muon = [tuple(g["params"][0].shape) for g in groups if g["kind"] == "muon"]
     assert muon == [(6, 12), (768, 768), (768, 3072), (3072, 768)]
     assert [len(g["params"]) for g in groups if g["kind"] == "muon"] == [6, 48, 12, 12]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SIGTERM / SIGINT during Trainer.train (trainer_mixin.SaveOnSignal; end to end: tests/faults/test_trainer_signals.py)
+
+
+def test_save_on_signal_only_flags_then_stops_at_the_step_end_and_restores_handlers():
+    import os
+    import signal
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from modeling_nanochat.optim.trainer_mixin import SaveOnSignal, TrainingInterrupted, report_interrupted
+
+    before = {s: signal.getsignal(s) for s in SaveOnSignal.SIGNALS}
+    args, state, control = TrainingArguments(output_dir="unused", use_cpu=True), TrainerState(), TrainerControl()
+    with SaveOnSignal() as stop:
+        state.global_step = 3
+        stop.on_step_end(args, state, control)
+        assert not (control.should_save or control.should_training_stop)  # no signal: nothing changes
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler only records it
+        assert stop.signum == signal.SIGTERM and stop.stop_signum is None
+        os.kill(os.getpid(), signal.SIGTERM)  # a forwarded repeat is ignored
+        state.global_step, control.should_evaluate = 4, True
+        stop.on_step_end(args, state, control)
+        assert control.should_save and control.should_training_stop and not control.should_evaluate
+        assert (stop.stop_signum, stop.step) == (signal.SIGTERM, 4)
+        os.kill(os.getpid(), signal.SIGINT)  # once saving, even a Ctrl-C does not cut it short
+    assert {s: signal.getsignal(s) for s in SaveOnSignal.SIGNALS} == before
+
+    with SaveOnSignal() as stop:  # a second Ctrl-C before the step ends: stop at once
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in SaveOnSignal.SIGNALS} == before
+
+    e = TrainingInterrupted(signal.SIGTERM, 4, "out/checkpoint-4", is_main=False)
+    assert str(e) == ("interrupted by SIGTERM at step 4: saved out/checkpoint-4; "
+                      "resume with --resume_from_checkpoint out/checkpoint-4")
+    assert report_interrupted(e) == 143

@@ -162,7 +162,7 @@ def _main(script):
     return runpy.run_path(str(REPO / script), run_name="imported_by_test")["main"]
 
 
-def test_recipe_trains_from_jsonl_and_parquet(tmp_path, sample_docs):
+def test_recipe_trains_from_jsonl_and_parquet(tmp_path, sample_docs, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -177,18 +177,20 @@ def test_recipe_trains_from_jsonl_and_parquet(tmp_path, sample_docs):
         train(["--data", str(data), "--vocab-size", "600", "--output-dir", str(out), *extra])
         tok = AutoTokenizer.from_pretrained(out)
         assert len(tok) == 600 and load_token_bytes(out).shape == (600,)
-    with pytest.raises(KeyError, match="--text-column"):
-        train(["--data", str(tmp_path / "docs.parquet"), "--output-dir", str(tmp_path / "x"), "--text-column", "body"])
+    capsys.readouterr()
+    assert train(["--data", str(tmp_path / "docs.parquet"), "--output-dir", str(tmp_path / "x"),
+                  "--text-column", "body"]) == 2  # a user error: `error: ...`, exit status 2
+    assert "--text-column" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_recipe_reports_bad_input_without_traceback(tmp_path):
+def test_recipe_reports_bad_input_without_traceback(tmp_path, capsys):
     r = subprocess.run([sys.executable, str(REPO / "recipes/tokenizer.py"), "--data", str(tmp_path / "no.parquet"),
                         "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
-    with pytest.raises(ValueError, match="corpus too small"):
-        _main("recipes/tokenizer.py")(["--data", str(shared_path("text_sample.txt")), "--vocab-size", "32768",
-                                       "--output-dir", str(tmp_path / "o")])
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert _main("recipes/tokenizer.py")(["--data", str(shared_path("text_sample.txt")), "--vocab-size", "32768",
+                                          "--output-dir", str(tmp_path / "o")]) == 2
+    assert "corpus too small" in capsys.readouterr().err
 
 
 def test_recipe_converts_and_tok_eval_reports(tmp_path, capsys):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from modeling_nanochat.pretrain.trainer import prepare_output_dir
+from modeling_nanochat.pretrain.trainer import RunError, prepare_output_dir
 from modeling_nanochat.utils.io import (OutputExistsError, atomic_copy, atomic_dir, atomic_write, atomic_write_json,
                                         remove_stale_temp_dirs)
 
@@ -43,8 +43,11 @@ def test_a_crashed_runs_leftovers_are_removed_at_start_and_resume(tmp_path):
     (run / ".tmp-metrics.jsonl-abc").write_text("partial")
     (run / "checkpoint-100").mkdir()
     (run / "metrics.jsonl").write_text("")
-    assert prepare_output_dir(str(run), resume=True, overwrite=False, is_main=True) is None  # no complete one
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-100", "metrics.jsonl"]
+    with pytest.raises(RunError, match="checkpoint-100 hold no"):  # a checkpoint without state: never overwritten
+        prepare_output_dir(str(run), resume=True, overwrite=False, is_main=True)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-100", "metrics.jsonl"]  # leftovers gone first
+    (run / "checkpoint-100").rmdir()
+    assert prepare_output_dir(str(run), resume=True, overwrite=False, is_main=True) is None  # nothing to lose
     (run / ".tmp-final-x").write_text("partial")
     assert prepare_output_dir(str(run), resume=True, overwrite=False, is_main=False) is None
     assert (run / ".tmp-final-x").exists()  # only the main process deletes
