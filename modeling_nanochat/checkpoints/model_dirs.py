@@ -214,8 +214,11 @@ def load_model(name: str | os.PathLike, cls=None, **kwargs):
     except OSError as e:
         if os.path.isdir(name):
             raise
-        raise CheckpointError(f"{name} is not a local directory and could not be loaded from the Hub ({e})",
-                              "check the spelling, your network/HF_TOKEN, or pass a local directory") from None
+        # `runs/nope` reads as a Hub repo id too when ./runs does not exist: say "no such directory" first
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"no such directory: {name}; read as a Hub repo id it could not be loaded either "
+                              f"({reason})", "check the path; for a Hub model check the spelling, your network "
+                              "and HF_TOKEN") from None
 
 
 def check_tokenizer_matches(tokenizer, config, where: str = "the tokenizer") -> None:

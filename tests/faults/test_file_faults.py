@@ -115,11 +115,14 @@ def test_model_without_tokenizer(model, told):
     told(user_error(_core(model), "no tokenizer", "tokenizer.json", "--tokenizer"))
 
 
-@pytest.mark.fault("Files", "nonexistent path runs/nope -> evaluation.core (not a Hub id)")
-def test_nonexistent_path_core(told):
-    res = run(*CORE, "--model", "runs/nope-does-not-exist")
-    message = user_error(res, "no such directory", "runs/nope-does-not-exist")
-    assert "Repo id" not in res.stderr and "huggingface.co" not in res.stderr
+@pytest.mark.fault("Files", "nonexistent path runs/nope -> evaluation.core (with and without ./runs)")
+@pytest.mark.parametrize("runs_exists", [True, False], ids=["runs-dir-exists", "no-runs-dir"])
+def test_nonexistent_path_core(tmp_path, runs_exists, told):
+    if runs_exists:  # then runs/nope can only be a path; else it reads as a Hub repo id too (offline here)
+        (tmp_path / "runs").mkdir()
+    res = run(*CORE, "--model", "runs/nope-does-not-exist", cwd=tmp_path, extra_env={"PYTHONPATH": REPO})
+    message = user_error(res, "no such directory: runs/nope-does-not-exist")
+    assert "Repo id" not in res.stderr
     told(message)
 
 
