@@ -49,13 +49,9 @@ def pretraining_data(model_dir: str) -> str | None:
 
 
 def main(argv=None) -> dict:
-    from modeling_nanochat.utils.errors import cli_main
+    from modeling_nanochat.utils.errors import cli_run
 
-    out = []
-    code = cli_main(lambda a: out.append(_main(a)), argv)
-    if code:
-        sys.exit(code)
-    return out[0]
+    return cli_run(_main, argv)
 
 
 def _main(argv=None) -> dict:

@@ -88,15 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    from modeling_nanochat.utils.errors import cli_main
+    from modeling_nanochat.utils.errors import cli_run
 
     # a user mistake (RunError, a broken checkpoint, a full disk: NanochatError) is one line from the main process
     # and exit status 2; --debug or NANOCHAT_DEBUG=1 shows the traceback
-    result = []
-    code = cli_main(lambda a: result.append(_run(a)), argv)
-    if code:
-        sys.exit(code)
-    return result[0]  # the plan (--print-plan) or the trainer's summary
+    return cli_run(_run, argv)  # the plan (--print-plan) or the trainer's summary
 
 
 def _run(argv):

@@ -76,9 +76,19 @@ def cli_main(main, argv: list[str] | None = None, *, errors: tuple = ()) -> int:
         return 130
 
 
+def cli_run(main, argv: list[str] | None = None, *, errors: tuple = ()):
+    """`cli_main` for a `main` whose return value callers use (a plan, results): that value, or SystemExit with
+    `cli_main`'s exit status after a user error (already reported) or Ctrl-C."""
+    out = []
+    code = cli_main(lambda a: out.append(main(a)), argv, errors=errors)
+    if out:
+        return out[0]
+    raise SystemExit(code)
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-__all__ = ["NanochatError", "CheckpointError", "DataError", "cli_main", "debug_requested", "report",
+__all__ = ["NanochatError", "CheckpointError", "DataError", "cli_main", "cli_run", "debug_requested", "report",
            "strip_debug", "DEBUG_ENV", "USER_ERROR_EXIT"]
