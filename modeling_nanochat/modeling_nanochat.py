@@ -116,13 +116,7 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output, attn_weights
 
 
-def _attention_interface(config):
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl == "eager":
-        return eager_attention_forward
-    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
-        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
-    return ALL_ATTENTION_FUNCTIONS[impl]
+_HAS_GET_INTERFACE = hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface")  # transformers >= 4.56
 
 
 class NanoChatRotaryEmbedding(nn.Module):
@@ -201,7 +195,16 @@ class NanoChatAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         kwargs.pop("output_attentions", None)
-        attn_output, attn_weights = _attention_interface(self.config)(
+        # transformers' own pattern, spelled out: vLLM's transformers backend finds the attention call by reading
+        # this source for an assignment from ALL_ATTENTION_FUNCTIONS and exactly one call of that name
+        impl = getattr(self.config, "_attn_implementation", None) or "eager"
+        if impl == "eager":
+            attention_interface = eager_attention_forward
+        elif _HAS_GET_INTERFACE:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+        else:  # transformers 4.51 (TGI's pin)
+            attention_interface = ALL_ATTENTION_FUNCTIONS[impl]
+        attn_output, attn_weights = attention_interface(
             self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.config.attention_dropout,
             scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
         attn_output = attn_output.reshape(bsz, q_len, -1).contiguous()
