@@ -11,7 +11,8 @@ Everything else is a transcription of `modeling_nanochat.py` (which stays the re
 frequencies, RoPE and the norm are its own functions) with vLLM's attention:
 weightless RMSNorm, value embeddings with their gates, resid/x0 lambdas, backout, RoPE (nanochat's sign) then
 QK-norm and the 1.2 scale, S/L windows per layer, ReLU^2, the untied padded head and the fp32 logit softcap.
-Tensor and pipeline parallelism are refused with a message (one device serves these models comfortably).
+Tensor and pipeline parallelism and vLLM's quantization are refused with a message (one device serves these models
+comfortably).
 """
 
 from collections.abc import Iterable
@@ -39,6 +40,11 @@ def _check_serving(config: NanoChatConfig, vllm_config: VllmConfig):
             f"nanochat's vLLM model runs on one device (got tensor_parallel_size={parallel.tensor_parallel_size}, "
             f"pipeline_parallel_size={parallel.pipeline_parallel_size}); these models fit one GPU: serve with "
             "--tensor-parallel-size 1, and run several replicas for more throughput")
+    if vllm_config.quant_config is not None:
+        raise UnservableCheckpoint(
+            f"nanochat's vLLM model does not run vLLM's quantization ({vllm_config.quant_config.get_name()}): serve "
+            "it unquantized, or quantized through the transformers backend (--model-impl transformers "
+            "--trust-remote-code), which is not exact at decode (README, Serve)")
     if config.hidden_size % config.head_dim:
         raise UnservableCheckpoint(
             f"hidden_size={config.hidden_size} is not a multiple of head_dim={config.head_dim}: the smear layer "
