@@ -65,7 +65,9 @@ def free_port() -> int:
 class Server:
     """A subprocess serving HTTP on 127.0.0.1:port; its output goes to a log file shown when it fails."""
 
-    def __init__(self, args: list[str], log_path, env: dict | None = None, ready_path: str = "/", cwd=REPO):
+    def __init__(self, args: list[str], log_path, env: dict | None = None, ready_path: str = "/", cwd=REPO,
+                 timeout: float = TIMEOUT):
+        self.timeout = timeout
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_path = ready_path
@@ -76,7 +78,7 @@ class Server:
                                      env=env if env is not None else server_env())
 
     def wait(self) -> "Server":
-        deadline = time.monotonic() + TIMEOUT
+        deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
@@ -85,7 +87,7 @@ class Server:
                 return self
             except OSError:
                 time.sleep(0.25)
-        raise TimeoutError(f"{self.url} not up after {TIMEOUT} s:\n{self.output()}")
+        raise TimeoutError(f"{self.url} not up after {self.timeout} s:\n{self.output()}")
 
     def output(self) -> str:
         self.log.flush()

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
@@ -116,10 +117,19 @@ class SmearAttention(nn.Module):
         return self.attn(q.reshape(n, -1), k.reshape(n, -1), x)
 
 
+def _nanochat_config(vllm_config):
+    config = vllm_config.model_config.hf_config
+    if not isinstance(config, NanoChatConfig):  # loaded as remote code: the same fields, our class
+        config = NanoChatConfig(**config.to_dict())
+    return config
+
+
+# vLLM compiles this forward (and on GPUs captures it in CUDA graphs) unless told --enforce-eager
+@support_torch_compile
 class NanoChatVLLMModel(nn.Module):
-    def __init__(self, config, vllm_config, prefix="model"):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model"):
         super().__init__()
-        self.config = config
+        self.config = config = _nanochat_config(vllm_config)
         cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
         max_len = vllm_config.model_config.max_model_len
         self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.hidden_size)
@@ -156,7 +166,7 @@ class NanoChatVLLMModel(nn.Module):
             cos, sin = cos.bfloat16(), sin.bfloat16()
         return cos.to(dtype), sin.to(dtype)
 
-    def forward(self, input_ids, positions):
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         x = rms_norm(self.embed_tokens(input_ids), cfg.rms_norm_eps)
         if self.smear_gate is not None:
@@ -183,12 +193,9 @@ class NanoChatForVLLM(nn.Module):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        config = vllm_config.model_config.hf_config
-        if not isinstance(config, NanoChatConfig):  # loaded as remote code: the same fields, our class
-            config = NanoChatConfig(**config.to_dict())
+        self.config = config = _nanochat_config(vllm_config)
         _check_serving(config, vllm_config)
-        self.config = config
-        self.model = NanoChatVLLMModel(config, vllm_config, prefix="model")
+        self.model = NanoChatVLLMModel(vllm_config=vllm_config, prefix="model")
         self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
 
     def embed_input_ids(self, input_ids):

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.slow
 NEW_TOKENS = 64
 MAX_LEN = 256  # the tiny model's context (max_position_embeddings)
 IN_FLIGHT = 8
+STARTUP = 300  # seconds for vLLM to come up: it compiles our model's forward first (about a minute on 2 cores)
 
 
 def model_dir() -> str:
@@ -45,7 +46,8 @@ def vllm_server(model, log_path, *extra):
     return Server(["-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                    "--port", "{port}", "--dtype", "float32", "--max-model-len", str(MAX_LEN),
                    "--gpu-memory-utilization", "0.3", "--enable-prompt-tokens-details", *extra],
-                  log_path, env=server_env(VLLM_CPU_KVCACHE_SPACE="1"), ready_path="/health")
+                  log_path, env=server_env(VLLM_CPU_KVCACHE_SPACE="1"), ready_path="/health",
+                  timeout=STARTUP)
 
 
 def post(url, path, body):
@@ -201,6 +203,23 @@ def test_transformers_backend_is_measured(setup):
     assert identical < len(diffs), "the transformers backend is now exact: update the README's Serve section"
 
 
+def test_tensor_parallel_is_refused_with_a_message(setup, tmp_path):
+    """One device only: two CPU workers (threads bound by hand, as vLLM's CPU build needs on one NUMA node) reach our
+    model, which says so instead of serving half-sharded weights."""
+    s = setup
+    server = Server(["-m", "vllm.entrypoints.openai.api_server", "--model", s["model"], "--port", "{port}",
+                     "--dtype", "float32", "--max-model-len", str(MAX_LEN), "--gpu-memory-utilization", "0.3",
+                     "--enforce-eager", "--tensor-parallel-size", "2"], tmp_path / "tp.log",
+                    env=server_env(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1"), ready_path="/health")
+    try:
+        with pytest.raises(RuntimeError, match="server exited"):
+            server.wait()
+    finally:
+        server.stop()
+    assert "UnservableCheckpoint: nanochat's vLLM model runs on one device (got tensor_parallel_size=2" in \
+        Path(server.log_path).read_text()
+
+
 def test_a_checkpoint_it_cannot_serve_is_refused_with_a_message(setup, tmp_path):
     s = setup
     bad = tmp_path / "bad"
@@ -217,3 +236,68 @@ def test_a_checkpoint_it_cannot_serve_is_refused_with_a_message(setup, tmp_path)
     log = Path(server.log_path).read_text()
     assert "UnservableCheckpoint: this checkpoint does not match nanochat's architecture" in log
     assert "unknown weights: ['model.layers.0.mlp.fc3.weight']" in log
+
+
+@torch.no_grad()
+def greedy_with_margins(model, ids, n):
+    """Greedy tokens, each one's log-prob, and the gap between the best two logits at each step."""
+    r = model(torch.tensor([ids]), use_cache=True)
+    cache = r.past_key_values if getattr(r, "past_key_values", None) is not None else r.cache
+    tokens, logprobs, gaps = [], [], []
+    for _ in range(n):
+        logits = r.logits[0, -1]
+        top = logits.topk(2)
+        tokens.append(int(top.indices[0]))
+        logprobs.append(torch.log_softmax(logits, -1)[tokens[-1]].item())
+        gaps.append((top.values[0] - top.values[1]).item())
+        r = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+    return tokens, logprobs, gaps
+
+
+ERAS = ["2025-10", "2026-01", "2026-03-02", "2026-03-09", "current"]
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_every_era_and_gqa_decode_as_our_model(era, tmp_path):
+    """Every architecture switch (no smear / no value embeddings / no lambdas / full or S/L windows / bf16 rotary
+    tables / softcaps / QK scales) and grouped-query attention, on a random model whose every parameter matters:
+    each generated token's log-prob within 1e-4 of ours. A random model's greedy path may meet a near-tie that two
+    correct implementations break differently: the paths may part only where our top two logits are within 1e-4."""
+    from app_helpers import fixture_tokenizer, save_checkpoint
+    from conftest import perturbed_model
+
+    from modeling_nanochat import NanoChatConfig
+    config = NanoChatConfig.for_era(era, depth=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                    vocab_size=512, max_position_embeddings=128, short_window=16)
+    model, tok = perturbed_model(config), fixture_tokenizer()
+    ckpt = save_checkpoint(model, tok, tmp_path / era)
+    rng = random.Random(1)
+    bos = tok.convert_tokens_to_ids("<|bos|>")
+    ps = [[bos] + [rng.randrange(config.vocab_size - 9) for _ in range(n)] for n in (3, 12, 40, 70)]
+    new = 32
+    references = [greedy_with_margins(model, p, new) for p in ps]
+    server = Server(["-m", "vllm.entrypoints.openai.api_server", "--model", ckpt, "--host", "127.0.0.1", "--port",
+                     "{port}", "--dtype", "float32", "--max-model-len", "128", "--gpu-memory-utilization", "0.3",
+                     "--enforce-eager"],  # the numerics of each variant; compiling each costs a minute on 2 cores
+                    tmp_path / "server.log", env=server_env(VLLM_CPU_KVCACHE_SPACE="1"), ready_path="/health").wait()
+    try:
+        with ThreadPoolExecutor(len(ps)) as pool:
+            results = list(pool.map(lambda p: post(server.url, "/v1/completions", dict(
+                model=ckpt, prompt=p, max_tokens=new, temperature=0, ignore_eos=True, logprobs=1,
+                return_token_ids=True)), ps))
+    finally:
+        server.stop()
+    assert "Resolved architecture: NanoChatHFForCausalLM" in Path(server.log_path).read_text()
+    compared = 0
+    for (ref, ref_lps, gaps), r in zip(references, results):
+        got = r["choices"][0]["token_ids"]
+        got_lps = r["choices"][0]["logprobs"]["token_logprobs"]
+        stop = first_difference(ref, got)
+        stop = len(ref) if stop is None else stop
+        if stop < len(ref):
+            assert gaps[stop] < 1e-4, f"token {stop}: ours {ref[stop]}, vLLM {got[stop]}, our top-2 gap {gaps[stop]}"
+        for i in range(stop + 1 if stop < len(ref) else stop):  # the parting step's log-probs are of other tokens
+            if i < stop:
+                assert abs(got_lps[i] - ref_lps[i]) < 1e-4, (i, got_lps[i], ref_lps[i])
+        compared += stop
+    assert compared >= 0.75 * len(ps) * new  # the comparison covered most of the decoding
