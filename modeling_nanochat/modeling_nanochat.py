@@ -517,27 +517,34 @@ def _uniform_bound(config):
     return 3 ** 0.5 * config.hidden_size ** -0.5  # uniform with the std of N(0, 1/d)
 
 
+def add_outer_parameters(module, config):
+    """The base model's parameters outside the token embedding and the blocks (value embeddings, resid/x0 lambdas,
+    smear gate and lambda, backout lambda), under the names checkpoints store them by. One definition for every
+    implementation that loads our weights by name (this model; the vLLM model in modeling_nanochat/engines)."""
+    kv_dim = config.num_key_value_heads * config.head_dim
+    module.value_embeds = nn.ModuleDict(
+        {str(i): nn.Embedding(config.padded_vocab_size, kv_dim) for i in config.value_embed_layers})
+    n = config.num_hidden_layers
+    module.resid_lambdas = nn.Parameter(torch.ones(n)) if config.residual_lambdas else None
+    module.x0_lambdas = nn.Parameter(torch.zeros(n)) if config.residual_lambdas else None
+    module.smear_gate = nn.Linear(config.smear_channels, 1, bias=False) if config.smear else None
+    module.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None
+    module.backout_lambda = nn.Parameter(torch.full((1,), 0.2)) if config.backout else None
+    for emb in module.value_embeds.values():
+        _set_init(emb, "uniform", -_uniform_bound(config), _uniform_bound(config))
+    if module.smear_gate is not None:
+        _set_init(module.smear_gate, "uniform", 0.0, 0.02)
+
+
 class NanoChatHFModel(NanoChatPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(NanoChatDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        kv_dim = config.num_key_value_heads * config.head_dim
-        self.value_embeds = nn.ModuleDict(
-            {str(i): nn.Embedding(config.padded_vocab_size, kv_dim) for i in config.value_embed_layers})
-        n = config.num_hidden_layers
-        self.resid_lambdas = nn.Parameter(torch.ones(n)) if config.residual_lambdas else None
-        self.x0_lambdas = nn.Parameter(torch.zeros(n)) if config.residual_lambdas else None
-        self.smear_gate = nn.Linear(config.smear_channels, 1, bias=False) if config.smear else None
-        self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None
-        self.backout_lambda = nn.Parameter(torch.full((1,), 0.2)) if config.backout else None
+        add_outer_parameters(self, config)
         self.rotary_emb = NanoChatRotaryEmbedding(config)
         _set_init(self.embed_tokens, "normal", 0.0, 0.8)
-        for emb in self.value_embeds.values():
-            _set_init(emb, "uniform", -_uniform_bound(config), _uniform_bound(config))
-        if self.smear_gate is not None:
-            _set_init(self.smear_gate, "uniform", 0.0, 0.02)
         self.gradient_checkpointing = False
         self.post_init()
 

@@ -26,7 +26,7 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
 from ..configuration_nanochat import NanoChatConfig
-from ..modeling_nanochat import NanoChatMLP, NanoChatRotaryEmbedding, apply_rotary, rms_norm
+from ..modeling_nanochat import NanoChatMLP, NanoChatRotaryEmbedding, add_outer_parameters, apply_rotary, rms_norm
 from .smear import SMEAR_WINDOW, smear_query_key
 
 
@@ -142,18 +142,10 @@ class NanoChatVLLMModel(nn.Module):
             layers.append(NanoChatDecoderLayer(config, i, keys, cache_config, quant_config,
                                                prefix=f"{prefix}.layers.{i}"))
         self.layers = nn.ModuleList(layers)
-        # the same parameters under the same names as NanoChatHFModel: the checkpoint's weights load by name
-        kv_dim = config.num_key_value_heads * config.head_dim
-        self.value_embeds = nn.ModuleDict(
-            {str(i): nn.Embedding(config.padded_vocab_size, kv_dim) for i in config.value_embed_layers})
-        n = config.num_hidden_layers
-        self.resid_lambdas = nn.Parameter(torch.ones(n)) if config.residual_lambdas else None
-        self.x0_lambdas = nn.Parameter(torch.zeros(n)) if config.residual_lambdas else None
-        self.smear_gate = nn.Linear(config.smear_channels, 1, bias=False) if config.smear else None
-        self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None
-        self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
+        add_outer_parameters(self, config)  # NanoChatHFModel's, under its names: the checkpoint loads by name
         # the engine's layer index is the one integer in an attention layer's name: the smear layer comes after
         # the blocks
+        n = config.num_hidden_layers
         self.smear_attn = SmearAttention(config, cache_config, prefix=f"{prefix}.smear.{n}.attn") \
             if config.smear else None
         self.register_buffer("inv_freq", NanoChatRotaryEmbedding.compute_inv_freq(config), persistent=False)
