@@ -50,3 +50,18 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor, autocast
     if total_bytes.item() == 0:
         return float("inf")
     return total_nats.item() / (math.log(2) * total_bytes.item())
+
+
+def bpb_of_split(model, tokenizer, token_bytes: torch.Tensor, source, split: str = "val", *, tokens: int = 65536,
+                 batch_size: int = 16, seq_len: int | None = None, autocast=None) -> float:
+    """bpb of `model` on the first `tokens` tokens of `source`'s `split` (a `resolve_data` DataSource), read by a
+    fresh PretrainLoader at the model's context length: the same tokens for every model given the same tokenizer,
+    which is what comparing compressed variants of one model needs."""
+    from modeling_nanochat.data.loader import PretrainLoader
+
+    seq_len = seq_len or model.config.max_position_embeddings
+    rank, world = rank_world()
+    steps = max(1, tokens // (batch_size * seq_len * world))
+    loader = PretrainLoader(source, tokenizer, batch_size=batch_size, seq_len=seq_len, split=split, rank=rank,
+                            world_size=world)
+    return evaluate_bpb(model, loader, steps, token_bytes, autocast=autocast)
