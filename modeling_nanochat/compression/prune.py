@@ -21,7 +21,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-import torch
 
 from modeling_nanochat.utils.errors import NanochatError
 
