@@ -24,7 +24,9 @@ from modeling_nanochat.utils.run_files import read_json, read_metrics
 
 CODE = Path(__file__).resolve().parents[2]  # the checkout whose commit the report names
 GPT2_CORE = 0.256525  # GPT-2 (1.5B)'s CORE as nanochat measures it: the speedrun's target
-STAGES = ["data", "tokenizer", "pretrain", "base_eval", "base_chat_eval", "sft", "sft_eval", "rl", "rl_eval"]
+STAGES = ["data", "tokenizer", "pretrain", "base_eval", "base_chat_eval", "sft", "sft_eval", "rl", "rl_eval",
+          # the compression lab (RUN_COMPRESS=1): absent stages are left out of the table
+          "distill", "scratch", "sft_distilled", "sft_scratch", "prune", "compress"]
 # summary rows: (label, where it comes from). Chat tasks are keyed by evaluation.chat's task names.
 REAL_CHAT = [("ARC-Easy", "arc_easy"), ("ARC-Challenge", "arc_challenge"), ("MMLU", "mmlu"), ("GSM8K", "gsm8k"),
              ("HumanEval", "humaneval")]
@@ -329,11 +331,22 @@ def _chat_stages(ctx) -> list[str]:
     return lines
 
 
+def _compression(ctx) -> list[str]:
+    """The compression lab's tables (recipes/compress.py writes them; this only links and quotes them)."""
+    md = ctx.run / "compression" / "compression.md"
+    if not md.is_file():
+        return []
+    body = md.read_text().split("\n")
+    body = [("#" + line if line.startswith("## ") else line) for line in body if not line.startswith("# ")]
+    return ["", "## Compression lab", "", f"From [{md.relative_to(ctx.run)}]({md.relative_to(ctx.run)}) "
+            "(plot: compression/compression.png), made by `recipes/compress.py`."] + body
+
+
 def write_report(run_dir: str | Path) -> Path:
     """`report.md` (and `report/curves.png`) of a speedrun directory, section by section."""
     ctx = _load_run(run_dir)
     lines = (_header(ctx) + _summary(ctx) + _learning_checks(ctx) + _stages_section(ctx) + _tokenizer_section(ctx)
-             + _base_model(ctx) + _chat_stages(ctx))
+             + _base_model(ctx) + _chat_stages(ctx) + _compression(ctx))
     run, base_metrics, sft_metrics, rl_metrics = ctx.run, ctx.base_metrics, ctx.sft_metrics, ctx.rl_metrics
     plot = plot_curves(run, base_metrics, sft_metrics, rl_metrics)
     if plot:

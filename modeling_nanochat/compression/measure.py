@@ -34,7 +34,8 @@ class Variant:
     name: str
     model_dir: str
     method: str | None = None  # quantize at load time with this method (see compression/quantize.py)
-    kind: str = "fp32"  # what the table groups by: fp32, quantized, distilled, pruned, ...
+    kind: str = "fp32"  # what the row is: fp32, quantized, distilled, scratch, pruned, ...
+    group: str = "chat"  # which table it is compared in: "chat" (the model and its variants) or "base"
     note: str = ""
     extra: dict = field(default_factory=dict)
 
