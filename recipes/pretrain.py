@@ -57,13 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "jsonl/txt/parquet file or a Hub dataset id")
     d.add_argument("--num-shards", type=int, default=None, help="climbmix/fineweb-edu: train on shards 0..N-1 "
                    "(downloaded if missing, plus the val shard); default: every shard already downloaded")
-    d.add_argument("--output-dir", default=None, help="default runs/d<depth>")
+    d.add_argument("--output-dir", default=None, help="default runs/d<depth> (runs/d<depth>-distilled with --teacher)")
     d.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output-dir "
                                                          "(starts fresh if there is none)")
     d.add_argument("--overwrite", action="store_true", help="start over in a non-empty --output-dir")
     d.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
     d.add_argument("--keep-last", type=int, default=-1, help="keep only the newest N checkpoints (-1: all)")
     d.add_argument("--seed", type=int, default=42)
+    k = p.add_argument_group("distillation and initialization (recipes/distill.py, recipes/prune.py)")
+    k.add_argument("--teacher", default=None, help="a model dir to distill from: the loss becomes --kd-alpha x "
+                   "T^2 KL(teacher || student) at temperature T + (1 - --kd-alpha) x the text's cross-entropy "
+                   "(modeling_nanochat/pretrain/distill.py); same tokenizer required")
+    k.add_argument("--kd-temperature", type=float, default=1.0, help="softening temperature T of both distributions")
+    k.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the distillation term (1 = teacher only)")
+    k.add_argument("--init-from", default=None, help="start from this model dir's weights AND architecture (e.g. a "
+                   "depth-pruned model to heal): --depth/--aspect-ratio/--head-dim/--window-pattern/--max-seq-len "
+                   "are taken from its config.json")
     e = p.add_argument_group("evaluation and logging")
     e.add_argument("--eval-every", type=int, default=250, help="val bits-per-byte every N steps (-1: off)")
     e.add_argument("--eval-tokens", type=int, default=80 * 524288, help="tokens per val bpb evaluation")
@@ -92,11 +101,12 @@ def main(argv=None):
 
     # a user mistake (RunError, a broken checkpoint, a full disk: NanochatError) is one line from the main process
     # and exit status 2; --debug or NANOCHAT_DEBUG=1 shows the traceback
-    return cli_run(_run, argv)  # the plan (--print-plan) or the trainer's summary
+    return cli_run(train, argv)  # the plan (--print-plan) or the trainer's summary
 
 
-def _run(argv):
-    args = build_parser().parse_args(argv)
+def train(argv, parser=None):
+    """Parse `argv` with `parser` (default: this recipe's; recipes/distill.py passes its own) and run."""
+    args = (parser or build_parser()).parse_args(argv)
     from modeling_nanochat.pretrain.setup import run
     from modeling_nanochat.pretrain.trainer import Interrupted
 

@@ -62,8 +62,6 @@ def drop_blocks(model, drop: list[int]):
     if n - 1 in drop:
         raise PruneError(f"block {n - 1} is the last one (full context); nanochat's layout keeps it",
                          "drop other blocks")
-    if len(drop) >= n - 1:
-        raise PruneError(f"dropping {len(drop)} of {n} blocks leaves {n - len(drop)}", "keep at least two blocks")
     keep = [i for i in range(n) if i not in drop]
     new_index = {old: new for new, old in enumerate(keep)}
     config = pruned_config(model.config, drop)
@@ -90,9 +88,9 @@ def prune_depth(model, num_drop: int, evaluate: Callable[[object], float],
     removal with the lowest `evaluate(model)` (val bpb). Returns (pruned model, record) where the record lists each
     round's cost of every candidate, in the ORIGINAL block numbering."""
     n = model.config.num_hidden_layers
-    if num_drop < 1 or num_drop > n - 2:
-        raise PruneError(f"--drop {num_drop}: a {n}-block model can lose 1..{n - 2} blocks (the last block and one "
-                         "more stay)", f"pass --drop between 1 and {n - 2}")
+    if num_drop < 1 or num_drop > n - 1:
+        raise PruneError(f"--drop {num_drop}: a {n}-block model can lose 1..{n - 1} blocks (the last block stays)",
+                         f"pass --drop between 1 and {n - 1}")
     say = progress or (lambda msg: None)
     base = evaluate(model)
     say(f"unpruned: val bpb {base:.4f}")

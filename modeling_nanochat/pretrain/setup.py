@@ -68,7 +68,8 @@ def run(args):
     (the entry point prints it), Interrupted after a signal's checkpoint."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would break up our progress bar
-    args.output_dir = args.output_dir or os.path.join("runs", f"d{args.depth}")
+    init_config = _init_from_config(args)  # --init-from: the architecture flags come from that model
+    args.output_dir = args.output_dir or os.path.join("runs", f"d{args.depth}" + ("-distilled" if args.teacher else ""))
     acc = _accelerator(args)
     rank, world = rank_world()  # not Accelerate's counters: they can say 1 under DeepSpeed on CPU
     is_main = rank == 0
@@ -84,6 +85,12 @@ def run(args):
                        "config (accelerate_configs/zero2_8gpu.yaml) or use --optimizer muonadamw")
     if deepspeed and (args.fp8 or args.compile):
         raise RunError("--fp8/--compile are for the MuonAdamW path; DeepSpeed has its own settings for these")
+    if deepspeed and (args.teacher or args.init_from):
+        raise RunError("--teacher/--init-from run on the MuonAdamW path only", "launch without the DeepSpeed "
+                       "accelerate config")
+    if args.teacher and not 0.0 <= args.kd_alpha <= 1.0 or args.kd_temperature <= 0:
+        raise RunError(f"--kd-alpha {args.kd_alpha} / --kd-temperature {args.kd_temperature}: alpha must be in "
+                       "[0, 1] and the temperature > 0")
 
     try:
         resume_ckpt = None if args.print_plan else prepare_output_dir(
@@ -91,7 +98,7 @@ def run(args):
         # the plan needs only a vocabulary size: --print-plan works without a tokenizer (--vocab-size)
         tokenizer, token_bytes = (None, None) if args.print_plan and not args.tokenizer else \
             _load_tokenizer(args, resume_ckpt)
-        config, plan = _config_and_plan(args, tokenizer, world)
+        config, plan = _config_and_plan(args, tokenizer, world, init_config)
     except (PlanError, ValueError) as e:  # RunError is a ValueError too: one typed error for the entry point
         raise RunError(_name_the_flag(str(e))) from e
     if args.print_plan:
@@ -102,13 +109,19 @@ def run(args):
         args.core_bundle = _core_bundle(args, acc)
     loader = _loaders(args, acc, tokenizer, rank, world)
     model, optimizer, train_model, engine = _model_and_optimizer(args, acc, config, plan, deepspeed)
+    teacher = None
+    if args.teacher:
+        from modeling_nanochat.pretrain.distill import load_teacher
+        teacher = load_teacher(args.teacher, student_config=config, tokenizer_dir=resume_ckpt or args.tokenizer,
+                               device=acc.device)
 
     run_config = {"world_size": world, "distributed_type": acc.distributed_type.name, "mixed_precision":
                   acc.mixed_precision, "optimizer": args.optimizer, "device": str(acc.device), "args": vars(args),
                   "resumed_from": resume_ckpt}
     trainer = Pretrainer(accelerator=acc, model=model, tokenizer=tokenizer, optimizer=optimizer, plan=plan,
                          train_loader=loader("train"), make_val_loader=lambda: loader("val"), token_bytes=token_bytes,
-                         args=args, train_model=train_model, deepspeed_engine=engine, run_config=run_config)
+                         args=args, train_model=train_model, deepspeed_engine=engine, run_config=run_config,
+                         teacher=teacher)
     if resume_ckpt:
         trainer.resume_from(resume_ckpt)
     if is_main:
@@ -133,18 +146,45 @@ def _name_the_flag(message: str) -> str:
     return f"{min(found)[1]}: {message}"
 
 
-def _config_and_plan(args, tokenizer, world: int):
-    """The model config from the depth dial and the tokenizer's special ids, and the run's plan (optim/scaling)."""
+def _init_from_config(args):
+    """--init-from's config, with the architecture flags set from it (what the run config, resume checks and the
+    header then show); None without --init-from."""
+    if not args.init_from:
+        return None
+    from modeling_nanochat.checkpoints.model_dirs import load_config
+    from modeling_nanochat.utils.errors import CheckpointError
+    try:
+        config = load_config(args.init_from)
+    except CheckpointError as e:
+        raise RunError(f"--init-from: {e.problem}", e.fix) from e
+    args.depth, args.head_dim, args.max_seq_len = config.num_hidden_layers, config.head_dim, \
+        config.max_position_embeddings
+    args.aspect_ratio = config.aspect_ratio
+    args.window_pattern = "".join("S" if t == "sliding_attention" else "L" for t in config.layer_types)
+    return config
+
+
+def _config_and_plan(args, tokenizer, world: int, init_config=None):
+    """The model config from the depth dial and the tokenizer's special ids (or --init-from's config, checked
+    against the tokenizer), and the run's plan (optim/scaling)."""
     from modeling_nanochat.configuration_nanochat import NanoChatConfig
 
     special = {} if tokenizer is None else dict(
         bos_token_id=tokenizer.convert_tokens_to_ids("<|bos|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|assistant_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|bos|>"))
-    config = NanoChatConfig(
-        depth=args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
-        max_position_embeddings=args.max_seq_len, window_pattern=args.window_pattern,
-        vocab_size=len(tokenizer) if tokenizer is not None else args.vocab_size, **special)
+    if init_config is not None:
+        config = init_config
+        if tokenizer is not None and (len(tokenizer) != config.vocab_size or config.bos_token_id != special[
+                "bos_token_id"]):
+            raise RunError(f"--init-from {args.init_from} has a vocabulary of {config.vocab_size} (<|bos|> "
+                           f"{config.bos_token_id}) but --tokenizer has {len(tokenizer)} (<|bos|> "
+                           f"{special['bos_token_id']})", "pass the model's own dir as --tokenizer")
+    else:
+        config = NanoChatConfig(
+            depth=args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+            max_position_embeddings=args.max_seq_len, window_pattern=args.window_pattern,
+            vocab_size=len(tokenizer) if tokenizer is not None else args.vocab_size, **special)
     plan = plan_training(
         config, world_size=world, device_batch_size=args.device_batch_size,
         target_param_data_ratio=args.target_param_data_ratio, total_batch_size=args.total_batch_size,
@@ -178,6 +218,9 @@ def _model_and_optimizer(args, acc, config, plan, deepspeed: bool):
     torch.manual_seed(args.seed)
     # _from_config: under ZeRO-3 with zero3_init_flag, transformers builds the model inside deepspeed.zero.Init
     model = NanoChatForCausalLM._from_config(config)
+    if args.init_from:  # the weights of --init-from (the same config, so every tensor has its place)
+        from modeling_nanochat.checkpoints.model_dirs import load_model
+        model.load_state_dict(load_model(args.init_from).state_dict(), strict=True)
     if not deepspeed:  # DeepSpeed moves and broadcasts the (possibly partitioned) parameters itself
         model.to(acc.device)
         _broadcast_parameters(model)

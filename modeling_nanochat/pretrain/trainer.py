@@ -67,7 +67,9 @@ class LoopState:
 
 
 # flags that shape the model: a --resume with any of them changed is refused, naming the flag
-_SAME_ON_RESUME = ("depth", "aspect_ratio", "head_dim", "window_pattern", "max_seq_len")
+_SAME_ON_RESUME = ("depth", "aspect_ratio", "head_dim", "window_pattern", "max_seq_len",
+                   # and the objective: a distillation run resumes only with the same teacher and mix
+                   "teacher", "kd_temperature", "kd_alpha")
 
 
 def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -117,8 +119,10 @@ class Pretrainer:
     """Owns the model, optimizer, loaders and loop state of one run (see module docstring)."""
 
     def __init__(self, *, accelerator, model, tokenizer, optimizer, plan, train_loader, make_val_loader, token_bytes,
-                 args, train_model=None, deepspeed_engine=None, run_config=None):
+                 args, train_model=None, deepspeed_engine=None, run_config=None, teacher=None):
         self.acc = accelerator
+        self.teacher = teacher  # frozen; set: the loss is distillation's (pretrain/distill.py)
+        self._parts = None  # the step's distillation terms, for metrics.jsonl
         self.model = model  # the plain module: evaluation, sampling, saving
         self.train_model = train_model or model  # possibly torch.compile'd or a DeepSpeed engine
         self.ds = deepspeed_engine
@@ -148,11 +152,16 @@ class Pretrainer:
             from modeling_nanochat.optim.zero import set_schedule
             set_schedule(self.optimizer, **values)
         total = torch.zeros((), device=self.device)
+        parts = torch.zeros(2, device=self.device) if self.teacher is not None else None
         for i in range(plan.grad_accum_steps):
             x, y = next(self.train_loader)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True).contiguous()
             with self.acc.autocast():
-                loss = self.train_model(input_ids=x, labels=y, shift_labels=y).loss
+                out = self.train_model(input_ids=x, labels=y, shift_labels=y)
+                loss = out.loss
+                if self.teacher is not None:
+                    loss, p = self._distill(x, y, out)
+                    parts += torch.stack([p["kd"], p["ce"]])
             total += loss.detach()
             if self.ds is not None:
                 self.ds.set_gradient_accumulation_boundary(i == plan.grad_accum_steps - 1)
@@ -165,7 +174,19 @@ class Pretrainer:
             apply_schedule(self.optimizer.param_groups, **values)
             self.optimizer.step()
             self.model.zero_grad(set_to_none=True)
+        if parts is not None:
+            both = _all_reduce_mean(torch.cat([total.view(1), parts]) / plan.grad_accum_steps).tolist()
+            self._parts = {"kd_loss": both[1], "ce_loss": both[2]}
+            return both[0]
         return _all_reduce_mean(total / plan.grad_accum_steps).item()  # .item(): the step's one host sync
+
+    def _distill(self, x, y, out):
+        from modeling_nanochat.pretrain.distill import distillation_loss
+
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=x).logits
+        return distillation_loss(out.logits, teacher_logits, y, temperature=self.args.kd_temperature,
+                                 alpha=self.args.kd_alpha, hard_loss=out.loss)
 
     # -- evaluation and samples ------------------------------------------------------------------------------
     def evaluate_bpb(self) -> float:
@@ -339,7 +360,8 @@ class Pretrainer:
             st.total_training_time += dt
         lrm = plan.lr_multiplier(st.step)
         record = dict(step=st.step, loss=loss, smooth_loss=smooth, lrm=lrm, dt=dt, tok_per_s=tok_per_s,
-                      mfu=mfu, total_training_flops=flops_so_far, total_training_time=st.total_training_time)
+                      mfu=mfu, total_training_flops=flops_so_far, total_training_time=st.total_training_time,
+                      **(self._parts or {}))
         metrics.write(**record)
         if self.args.log_every > 0 and st.step % self.args.log_every == 0:
             self.acc.log({f"train/{k}": v for k, v in record.items() if k != "step" and v is not None},

@@ -83,7 +83,7 @@ def test_impossible_requests_are_refused_with_the_fix():
     with pytest.raises(PruneError, match="0..5"):
         drop_blocks(model, [7])
     with pytest.raises(PruneError, match="--drop"):
-        prune_depth(model, 5, lambda m: 0.0)
+        prune_depth(model, 6, lambda m: 0.0)
 
 
 def test_dropping_every_value_embedding_layer_turns_them_off():
