@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 venv=$(mktemp -d)/venv
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q -U pip
-"$venv/bin/pip" install -q -c constraints/cpu.txt -e '.[dev,train,app,serve]'
+"$venv/bin/pip" install -q -c constraints/cpu.txt -e '.[dev,train,app,serve,compress]'
 {
   echo "# The tested stack: every package the README's set-up installs, at the versions CI passed with."
   echo "# Written by constraints/relock.sh on $(date -u +%Y-%m-%d) (python $("$venv/bin/python" -c 'import platform; print(platform.python_version())')); torch is pinned by cpu.txt."
