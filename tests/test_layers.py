@@ -11,7 +11,7 @@ PACKAGE = "modeling_nanochat"
 # What ships inside every checkpoint: these import only torch, transformers and each other.
 CHECKPOINT_FILES = ("configuration_nanochat", "modeling_nanochat")
 FOUNDATION = ("utils", "tokenizer", "generation", "optim", "data", "checkpoints", "adapters", "engines")
-STAGES = ("pretrain", "sft", "rl")
+STAGES = ("pretrain", "sft", "rl", "compression")
 APPS = ("apps",)
 # Outside the library: nothing in modeling_nanochat/ or evaluation/ may import these.
 NEVER = ("recipes", "bench", "tests", "app", "conftest")

@@ -163,6 +163,18 @@ def quant_skip_modules(model: nn.Module | None = None) -> tuple[str, ...]:
                          if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in targets}))
 
 
+
+def high_precision_groups(model: nn.Module | None = None) -> dict[str, tuple[str, ...]]:
+    """The model's small or sensitive modules by group, as leaf names (what quantization keeps in float by
+    default): "embeddings" (the token embedding table), "value_embeds" (the value-embedding tables), "head"
+    (lm_head) and "gates" (the tiny smear / value-embedding gates the model class names in `_nanochat_gate_modules`)."""
+    model = reference_model() if model is None else model
+    value_embeds = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == VALUE_EMBEDS]
+    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    return {"embeddings": (embedding.rsplit(".", 1)[-1],), "value_embeds": (VALUE_EMBEDS,) if value_embeds else (),
+            "head": (head.rsplit(".", 1)[-1],), "gates": tuple(model._nanochat_gate_modules)}
+
 @functools.cache
 def depth_independent_fields(config_class=NanoChatConfig) -> tuple[str, ...]:
     """Constructor arguments of the config that the depth dial does not set: those equal in two configs that differ
@@ -179,4 +191,5 @@ def config_at_depth(config, depth: int):
 
 __all__ = ["LM_HEAD", "EMBEDDING", "VALUE_EMBEDS", "BLOCK", "NANOCHAT_KEY_TEMPLATES", "meta_model", "reference_model",
            "blocks", "parameter_roles", "role_rules", "parameter_role", "lora_target_modules", "quant_skip_modules",
+           "high_precision_groups",
            "depth_independent_fields", "config_at_depth"]
