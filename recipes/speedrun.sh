@@ -6,7 +6,8 @@
 #   bash recipes/speedrun.sh --preset d12     # a quick GPU run (~5 min of pretraining on 8xH100)
 #   ACCELERATE_CONFIG=accelerate_configs/zero2_8gpu.yaml bash recipes/speedrun.sh --preset d24   # DeepSpeed ZeRO-2
 #
-# Stages: data -> tokenizer -> pretrain -> base_eval -> sft -> sft_eval -> (rl -> rl_eval) -> report.
+# Stages: data -> tokenizer -> pretrain -> base_eval -> sft -> sft_eval -> (rl -> rl_eval) -> (compression lab:
+# distill -> scratch -> sft_distilled -> sft_scratch -> prune -> compress) -> report.
 # A finished stage leaves RUN_DIR/stages/<stage>.json and is skipped next time, so after a crash or Ctrl-C the same
 # command carries on: pretraining resumes from its last checkpoint (bit-exact), the other stages start over.
 #
@@ -21,7 +22,13 @@
 #                      a DeepSpeed one (zero2_8gpu.yaml, zero3_8gpu.yaml) trains with DeepSpeed's Muon instead
 #   NPROC              processes per node (default: every GPU)
 #   DEPTH VOCAB_SIZE NUM_SHARDS RUN_RL   the preset's dial, tokenizer size, ClimbMix shards, RL stage (0/1)
+#   RUN_COMPRESS STUDENT_DEPTH HEAL_STEPS   the compression lab (0/1, default 0: it adds ~15 min to the tiny run;
+#                      after a finished run, RUN_COMPRESS=1 with the same command runs only the lab's stages), its
+#                      students' depth (DEPTH/2), the pruned model's healing steps (60); it writes
+#                      RUN_DIR/compression/compression.{md,png}
 #   PRETRAIN_ARGS SFT_ARGS RL_ARGS BASE_EVAL_ARGS CHAT_EVAL_ARGS   extra flags for that stage's recipe
+#   STUDENT_ARGS DISTILL_ARGS COMPRESS_ARGS   the lab's: both students' pretraining (same tokens and steps), the
+#                      distillation only (--kd-temperature, --kd-alpha), recipes/compress.py
 #   SHARED_DATA        real-format samples (CORE bundle sample, GSM8K rows) scored offline (default ../shared/data)
 #   COST_PER_HOUR      $ per hour of this machine for the report (default 3 x GPUs, or 0.10 without a GPU)
 set -euo pipefail
@@ -49,9 +56,14 @@ fi
 
 SHARED_DATA=${SHARED_DATA:-$ROOT/../shared/data}
 RUN_RL_DEFAULT=0
+RUN_COMPRESS_DEFAULT=0
 case "$PRESET" in
   tiny)
     DEPTH=${DEPTH:-4}; VOCAB_SIZE=${VOCAB_SIZE:-1024}; RUN_RL_DEFAULT=1
+    # the compression lab's students: d2, same tokens and steps for the distilled one and the one from scratch
+    PRESET_STUDENT="--max-seq-len 256 --total-batch-size 4096 --device-batch-size 16 --num-iterations 150
+      --warmup-steps 10 --eval-every 50 --eval-tokens 16384 --save-every 50 --keep-last 1"
+    PRESET_HEAL="--total-batch-size 4096 --device-batch-size 16 --warmup-steps 5 --eval-every -1"
     PRESET_PRETRAIN="--max-seq-len 256 --total-batch-size 4096 --device-batch-size 16 --num-iterations 300
       --warmup-steps 10 --eval-every 50 --eval-tokens 16384 --save-every 50 --keep-last 2 --sample-every -1
       --core-every 100 --core-max-per-task 100"
@@ -96,6 +108,7 @@ else
 fi
 
 RUN_RL=${RUN_RL:-$RUN_RL_DEFAULT}
+RUN_COMPRESS=${RUN_COMPRESS:-$RUN_COMPRESS_DEFAULT}
 RUN_DIR=${RUN_DIR:-runs/speedrun-$PRESET}
 mkdir -p "$RUN_DIR/stages" "$RUN_DIR/eval"
 
@@ -103,7 +116,7 @@ mkdir -p "$RUN_DIR/stages" "$RUN_DIR/eval"
 $PY - "$RUN_DIR/speedrun.json" <<EOF
 import json, sys, time
 json.dump({"preset": "$PRESET", "depth": $DEPTH, "vocab_size": $VOCAB_SIZE, "num_shards": "${NUM_SHARDS:-}",
-           "run_rl": $RUN_RL, "gpus": $NGPU, "nproc": $NPROC, "accelerate_config": "$ACCELERATE_CONFIG",
+           "run_rl": $RUN_RL, "run_compress": $RUN_COMPRESS, "gpus": $NGPU, "nproc": $NPROC, "accelerate_config": "$ACCELERATE_CONFIG",
            "cost_per_hour": "${COST_PER_HOUR:-}", "shared_data": "$SHARED_DATA", "updated": time.time()},
           open(sys.argv[1], "w"), indent=2)
 EOF
@@ -201,6 +214,37 @@ if [ "$RUN_RL" = 1 ]; then
   stage rl "${LAUNCH[@]}" recipes/grpo.py --config "$RL_CONFIG" --model-name-or-path "$RUN_DIR/sft" \
     --output-dir "$RUN_DIR/rl" "${RL_DATA[@]}" ${PRESET_RL:-} ${RL_ARGS:-}
   stage rl_eval chat_eval "$RUN_DIR/rl" rl
+fi
+
+# -- the compression lab (RUN_COMPRESS=1): distill, prune, quantize, measure ---------------------------------------------
+if [ "$RUN_COMPRESS" = 1 ]; then
+  LAB=$RUN_DIR/compress
+  SD=${STUDENT_DEPTH:-$((DEPTH / 2))}
+  # shellcheck disable=SC2206
+  STUDENT=(--depth "$SD" --tokenizer "$RUN_DIR/tokenizer" --data "$DATA" --resume ${PRESET_STUDENT:-$PRESET_PRETRAIN}
+           --core-every -1 --sample-every -1 ${STUDENT_ARGS:-})
+  stage distill "${LAUNCH[@]}" recipes/distill.py --teacher "$RUN_DIR/base" --output-dir "$LAB/distilled-d$SD" \
+    "${STUDENT[@]}" ${DISTILL_ARGS:-}
+  stage scratch "${LAUNCH[@]}" recipes/pretrain.py --output-dir "$LAB/scratch-d$SD" "${STUDENT[@]}"
+  for s in distilled scratch; do  # the same chat fine-tuning for both students
+    # shellcheck disable=SC2086
+    stage "sft_$s" "${LAUNCH[@]}" recipes/sft.py --config "$SFT_CONFIG" --model-name-or-path "$LAB/$s-d$SD" \
+      --output-dir "$LAB/$s-d$SD-sft" "${SFT_DATA[@]}" ${PRESET_SFT:-} ${SFT_ARGS:-}
+  done
+  # shellcheck disable=SC2086
+  stage prune $PY recipes/prune.py --model "$RUN_DIR/base" --drop 1 --data "$DATA" --output-dir "$LAB/pruned" \
+    --heal-steps "${HEAL_STEPS:-60}" --overwrite -- ${PRESET_HEAL:-}
+  LAB_DATA=()
+  if [ "$PRESET" = tiny ]; then
+    LAB_DATA=(--core "$RUN_DIR/data/core" --chat-data "$RUN_DIR/data/chat_eval")
+  fi
+  stage compress $PY recipes/compress.py --model "$RUN_DIR/sft" --output-dir "$RUN_DIR/compression" \
+    --val-data "$DATA" "${LAB_DATA[@]}" \
+    --variant "distilled-d$SD=$LAB/distilled-d$SD-sft:distilled" --variant "scratch-d$SD=$LAB/scratch-d$SD-sft:scratch" \
+    --base-variant "teacher-d$DEPTH=$RUN_DIR/base:fp32" --base-variant "pruned-healed=$LAB/pruned/healed:pruned" \
+    --base-variant "pruned=$LAB/pruned/pruned:pruned" \
+    --base-variant "distilled-d$SD-base=$LAB/distilled-d$SD:distilled" \
+    --base-variant "scratch-d$SD-base=$LAB/scratch-d$SD:scratch" ${COMPRESS_ARGS:-}
 fi
 
 # -- the report card (always rebuilt: it only reads what the stages wrote) -------------------------------------------

@@ -175,6 +175,7 @@ def high_precision_groups(model: nn.Module | None = None) -> dict[str, tuple[str
     return {"embeddings": (embedding.rsplit(".", 1)[-1],), "value_embeds": (VALUE_EMBEDS,) if value_embeds else (),
             "head": (head.rsplit(".", 1)[-1],), "gates": tuple(model._nanochat_gate_modules)}
 
+
 @functools.cache
 def depth_independent_fields(config_class=NanoChatConfig) -> tuple[str, ...]:
     """Constructor arguments of the config that the depth dial does not set: those equal in two configs that differ

@@ -181,6 +181,24 @@ def medians(rounds: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]} if rounds else {}
 
 
+@torch.inference_mode()
+def log_probs(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities (fp32, on CPU) of `model` on `ids`."""
+    logits = model(input_ids=ids.to(_device_of(model))).logits
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def divergence(model, ids: torch.Tensor, reference: torch.Tensor) -> dict:
+    """How far `model`'s next-token distributions are from `reference` (the group's first model) on the same
+    tokens: mean KL(reference || model) and how often the two agree on the most likely token. Far more sensitive
+    than task accuracy, which a tiny model's few problems cannot resolve."""
+    lp = log_probs(model, ids)
+    if lp.shape != reference.shape:
+        return {}
+    kl = (reference.exp() * (reference - lp)).sum(-1).mean().item()
+    return {"kl_to_ref": max(kl, 0.0), "top1_agree": (lp.argmax(-1) == reference.argmax(-1)).float().mean().item()}
+
+
 def quality(model, tokenizer, *, token_bytes=None, val_source=None, val_tokens: int = 65536, core_bundle=None,
             core_max_per_task: int = 100, chat_data=None, chat_limit: int = 100) -> dict:
     """Val bpb, CORE and the chat tasks (each only when its data is given). Deterministic: measured once."""

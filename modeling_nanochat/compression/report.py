@@ -17,7 +17,7 @@ COLUMNS = (("kind", "kind", "{}"), ("params", "params", "{:,}"), ("disk_bytes", 
            ("peak_memory_bytes", "peak mem MB", "mb"),
            ("prefill_tok_s_b1", "prefill tok/s b1", "{:,.0f}"), ("prefill_tok_s_b8", "prefill tok/s b8", "{:,.0f}"),
            ("decode_tok_s_b1", "decode tok/s b1", "{:,.0f}"), ("decode_tok_s_b8", "decode tok/s b8", "{:,.0f}"),
-           ("val_bpb", "val bpb", "{:.4f}"), ("core", "CORE", "{:.4f}"), ("synth_chat", "synth-chat", "{:.1%}"),
+           ("val_bpb", "val bpb", "{:.4f}"), ("kl_to_ref", "KL to ref", "{:.2e}"), ("top1_agree", "top-1 = ref", "{:.1%}"), ("core", "CORE", "{:.4f}"), ("synth_chat", "synth-chat", "{:.1%}"),
            ("synth_arith", "synth-arith", "{:.1%}"))
 
 
@@ -96,7 +96,9 @@ def markdown(rows: list[dict], fronts: dict, meta: dict) -> str:
              f"chat tasks on the first {meta.get('chat_limit', 'n/a')} problems of {meta.get('chat_data', 'n/a')}. "
              "Peak memory: " + meta.get("memory_kind", "n/a") + ". `front`: on the Pareto front of the group's "
              "quality (chat models: synth-chat accuracy; base models: val bpb) against size on disk (S) and against "
-             "batch-1 decode latency (L)."]
+             "batch-1 decode latency (L). `KL to ref` / `top-1 = ref`: mean KL divergence from the group's first "
+             "model (ref) of the next-token distributions on the same val tokens, and how often the two agree on "
+             "the most likely token."]
     for group in _groups(rows):
         f = fronts[group]
         lines += ["", f"## {GROUP_TITLES.get(group, group)}", "",
@@ -104,7 +106,8 @@ def markdown(rows: list[dict], fronts: dict, meta: dict) -> str:
                   + "|"]
         for r in (r for r in rows if r.get("group", "chat") == group):
             mark = "".join(m for m, key in (("S", "size"), ("L", "latency")) if r["name"] in f[key])
-            cells = [r["name"]] + [_cell(r.get(k), fmt) for k, _, fmt in COLUMNS] + [mark]
+            cells = [r["name"] + (" (ref)" if r.get("is_ref") else "")] + [_cell(r.get(k), fmt) for k, _, fmt in
+                                                                            COLUMNS] + [mark]
             lines.append("| " + " | ".join(cells) + " |")
     missing = [r for r in rows if r.get("unavailable")]
     if missing:

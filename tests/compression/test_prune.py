@@ -89,3 +89,35 @@ def test_impossible_requests_are_refused_with_the_fix():
 def test_dropping_every_value_embedding_layer_turns_them_off():
     cfg = pruned_config(tiny_config(depth=4, value_embed_layers=[1]), [1])
     assert cfg.value_embed_layers == [] and not cfg.value_embeds
+
+
+@pytest.mark.slow
+def test_prune_recipe_prunes_heals_and_reports(tmp_path):
+    """recipes/prune.py end to end: the pruned and healed models load with one block less, prune.json holds the
+    bpb of all three on the same val tokens, and a second run into the same dir is refused."""
+    import json
+    import subprocess
+    import sys
+
+    from app_helpers import tiny_checkpoint
+    from conftest import REPO
+    from transformers import AutoModelForCausalLM
+
+    subprocess.run([sys.executable, "-m", "modeling_nanochat.data.synthetic", "--output-dir", str(tmp_path / "d")],
+                   check=True, capture_output=True, cwd=REPO)
+    _, _, model_dir = tiny_checkpoint(tmp_path / "m")
+    cmd = [sys.executable, str(REPO / "recipes" / "prune.py"), "--model", model_dir, "--drop", "1",
+           "--data", str(tmp_path / "d" / "pretrain"), "--output-dir", str(tmp_path / "out"), "--eval-tokens", "2048",
+           "--heal-steps", "3", "--", "--total-batch-size", "1024", "--device-batch-size", "4", "--warmup-steps", "1",
+           "--eval-every", "-1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "prune.json").read_text())
+    assert record["blocks"] == [4, 3] and len(record["dropped_blocks"]) == 1 and record["dropped_blocks"][0] != 3
+    assert record["pruned_bpb"] > 0 and record["healed_bpb"] > 0 and record["unpruned_bpb"] > 0
+    for sub in ("pruned", "healed"):
+        m = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / sub)
+        assert m.config.num_hidden_layers == 3
+    assert "| healed | 3 |" in p.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert again.returncode == 2 and "--overwrite" in again.stderr

@@ -22,6 +22,7 @@ REDUCED = {  # the tiny preset, shrunk by the script's own environment overrides
     "SFT_ARGS": "--max_steps 4 --eval_steps 2",
     "RL_ARGS": "--max_steps 2",
     "CHAT_EVAL_ARGS": "--limit 6 --max-new-tokens 24",
+    "RUN_COMPRESS": "0",  # the compression lab's own tests run its recipes (tests/compression); CI's speedrun runs it
 }
 
 
