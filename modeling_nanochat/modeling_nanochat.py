@@ -46,6 +46,10 @@ except ImportError:  # pragma: no cover - 4.x
     _V5_MASKS = False
 if _V5_MASKS:
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+try:  # transformers >= 5: caches made of per-layer objects
+    from transformers.cache_utils import StaticLayer as _StaticLayer
+except ImportError:  # pragma: no cover - 4.x
+    _StaticLayer = None
 
 # transformers 5.25 renamed the cache from `past_key_values` to `cache`: in forward arguments, in the mask factories'
 # arguments and in output fields (the old names warn, and go in 5.40). We accept both names and speak to each
@@ -155,6 +159,10 @@ class NanoChatAttention(nn.Module):
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.scaling = self.head_dim ** -0.5  # nanochat uses the default softmax scale; the 1.2 acts on q and k
         self.is_causal = True
+        # architecture constants, read once: a config attribute read goes through several __getattribute__ layers
+        # (~1 us each), and a decode step made ~80 of them
+        self.eps, self.qk_norm_scale = config.rms_norm_eps, config.qk_norm_scale
+        self.ve_gate_channels, self.ve_gate_scale = config.ve_gate_channels, config.ve_gate_scale
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -184,14 +192,13 @@ class NanoChatAttention(nn.Module):
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         if self.ve_gate is not None:
-            gate = self.config.ve_gate_scale * torch.sigmoid(self.ve_gate(hidden_states[..., : self.config.ve_gate_channels]))
+            gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(hidden_states[..., : self.ve_gate_channels]))
             v = v + gate.transpose(1, 2).unsqueeze(-1) * value_embed.view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        eps = self.config.rms_norm_eps
-        q, k = rms_norm(q, eps), rms_norm(k, eps)  # QK-norm after RoPE (nanochat's order)
-        if self.config.qk_norm_scale != 1.0:  # sharper attention, split between q and k
-            q, k = q * self.config.qk_norm_scale, k * self.config.qk_norm_scale
+        q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)  # QK-norm after RoPE (nanochat's order)
+        if self.qk_norm_scale != 1.0:  # sharper attention, split between q and k
+            q, k = q * self.qk_norm_scale, k * self.qk_norm_scale
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         kwargs.pop("output_attentions", None)
@@ -204,9 +211,11 @@ class NanoChatAttention(nn.Module):
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
         else:  # transformers 4.51 (TGI's pin)
             attention_interface = ALL_ATTENTION_FUNCTIONS[impl]
+        # the masks carry the windows for the masked implementations; the others (flash, servers) take the window
+        window = self.sliding_window if impl not in _MASKED_IMPLEMENTATIONS else None
         attn_output, attn_weights = attention_interface(
             self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.config.attention_dropout,
-            scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
+            scaling=self.scaling, sliding_window=window, **kwargs)
         attn_output = attn_output.reshape(bsz, q_len, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
@@ -303,9 +312,17 @@ class NanoChatCache(DynamicCache):
 class NanoChatStaticCache(StaticCache):
     """transformers' StaticCache (preallocated, for torch.compile) plus the last token's pre-smear embedding in a
     buffer written in place, so a compiled decode step sees a fixed address. Static caches are not croppable, so
-    only the last embedding is kept. `generate(cache_implementation="static")` builds this class for our model."""
+    only the last embedding is kept. `generate(cache_implementation="static")` builds this class for our model.
+
+    Sliding-window layers get full-length static layers too (`_static_full_layers`): transformers' sliding static
+    layer tracks its fill level in a Python int, which a compiled step guards on, so every decoded token would
+    recompile. The window lives in the masks instead, and the cache holds what nanochat's KVCache holds."""
 
     smear_state = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _static_full_layers(self)
 
     def push_smear(self, x):
         last = x[:, -1:].detach()
@@ -417,6 +434,21 @@ else:
     _IN_PLACE_LAYER_CLASSES = {}
 
 
+def _static_full_layers(cache):
+    """Swap a static cache's not-yet-used sliding layers for full static layers of the cache's length (adapter:
+    relies on `layers`, `is_sliding`, `is_initialized` and `max_cache_len` of transformers' static layers, checked by
+    tests/model/test_cache_adapter.py)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or _StaticLayer is None:
+        return cache
+    length = max(getattr(layer, "max_cache_len", 0) for layer in layers)
+    for i, layer in enumerate(layers):
+        if getattr(layer, "is_sliding", False) and not getattr(layer, "is_initialized", True) and \
+                type(layer).__name__ == "StaticSlidingWindowLayer":
+            layers[i] = _StaticLayer(max_cache_len=length)
+    return cache
+
+
 def _adopt_cache(cache):
     """Give a cache that transformers built (generate(), `DynamicCache(config=...)`) our class, keeping everything
     it was set up with (layer kinds, windows, offloading, past recording). Our classes add no constructor state, so
@@ -427,8 +459,9 @@ def _adopt_cache(cache):
         for layer in getattr(cache, "layers", ()):
             if type(layer) in _IN_PLACE_LAYER_CLASSES:
                 layer.__class__ = _IN_PLACE_LAYER_CLASSES[type(layer)]
-    elif type(cache) is StaticCache:
+    elif type(cache) is StaticCache and cache.get_seq_length() == 0:
         cache.__class__ = NanoChatStaticCache
+        _static_full_layers(cache)
     return cache
 
 
@@ -544,6 +577,7 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
         self.layers = nn.ModuleList(NanoChatDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         add_outer_parameters(self, config)
         self.rotary_emb = NanoChatRotaryEmbedding(config)
+        self.smear_channels = config.smear_channels
         _set_init(self.embed_tokens, "normal", 0.0, 0.8)
         self.gradient_checkpointing = False
         self.post_init()
@@ -562,13 +596,22 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
         padding, and at sequence starts given by `cu_seq_lens`. With plain arange positions and no padding this is
         exactly nanochat's behaviour (which smears across packed documents, as nanochat trains)."""
         lam = self.smear_lambda.to(x.dtype)
-        gate = lam * torch.sigmoid(self.smear_gate(x[..., : self.config.smear_channels]))
+        gate = lam * torch.sigmoid(self.smear_gate(x[..., : self.smear_channels]))
+        state = getattr(past_key_values, "smear_state", None) if past_key_values is not None else None
+        if x.shape[1] == 1 and attention_mask is None and cu_seq_lens is None and not server_decode and \
+                state is not None and state.shape[0] == x.shape[0] and getattr(past_key_values, "push_smear", None) \
+                and not _is_compiling():
+            # eager decode step (one token, no padding): the general path below builds the same thing from 8 ops;
+            # a row whose position is 0 starts a new sequence and ignores the cached state
+            cont = (position_ids.expand(x.shape[0], -1) > 0).unsqueeze(-1).to(x.dtype)
+            out = x + cont * gate * state.to(x.dtype)
+            past_key_values.push_smear(x)
+            return out
         prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
         pos = position_ids.expand(x.shape[0], -1)
         cont = torch.ones_like(pos, dtype=torch.bool)
         cont[:, 1:] = pos[:, 1:] == pos[:, :-1] + 1
         first_pos = pos[:, 0]
-        state = getattr(past_key_values, "smear_state", None) if past_key_values is not None else None
         if state is not None and state.shape[0] == x.shape[0]:
             prev[:, :1] = state.to(x.dtype)  # continuing a sequence: its previous token came from an earlier forward
             cont[:, 0] = first_pos > 0  # (a new sequence in a reused cache starts at position 0 and ignores it)
@@ -598,6 +641,11 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
         impl = getattr(cfg, "_attn_implementation", None) or "eager"
         kinds = set(cfg.layer_types)
         past_seen = _cached_length(cache)
+        if x.shape[1] == 1 and attention_mask is None and impl in ("eager", "sdpa") and past_seen is not None and \
+                all(past_seen <= w for w in (cfg.short_window, cfg.long_window) if w >= 0):
+            # one query, no padding, every cached key inside both windows: nothing to mask (the decode steps of a
+            # chat before it outgrows the short window), and building the masks costs more than the step's attention
+            return dict.fromkeys(kinds)
         # a preallocated cache (static) may hold more than the long window: add the window's bound (a no-op while
         # shorter) rather than read a length that compiled code cannot branch on
         long_limit = cfg.long_window >= 0 and (past_seen is None or past_seen + x.shape[1] > cfg.long_window + 1)
@@ -665,6 +713,7 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
 
         x0 = x
         x_backout = None
+        layer_types, backout_layer = self.config.layer_types, self.config.backout_layer  # read once per forward
         all_hidden = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for i, layer in enumerate(self.layers):
@@ -673,11 +722,11 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
             if self.resid_lambdas is not None:  # applied before every block, including the first
                 x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](input_ids).to(x.dtype) if str(i) in self.value_embeds else None
-            x, attn_weights = layer(x, masks[self.config.layer_types[i]], position_embeddings, cache,
+            x, attn_weights = layer(x, masks[layer_types[i]], position_embeddings, cache,
                                     value_embed=ve, position_ids=position_ids, **kwargs)
             if all_attentions is not None:
                 all_attentions += (attn_weights,)
-            if i == self.config.backout_layer:
+            if i == backout_layer:
                 x_backout = x
         if self.backout_lambda is not None:  # remove low-level features cached at mid depth
             x = x - self.backout_lambda.to(x.dtype) * x_backout

@@ -21,6 +21,7 @@ import torch
 
 from modeling_nanochat.generation.calculator import use_calculator
 from modeling_nanochat.generation.hf_cache import cache_kwargs, output_cache
+from modeling_nanochat.generation.static_decode import StaticDecoder, can_compile, compile_enabled
 from modeling_nanochat.tokenizer.tokenizer import encode_ordinary, special_token_id
 
 
@@ -76,9 +77,12 @@ def _prefill(model, prompt: list[int], num_samples: int, device):
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: list[int], num_samples: int = 1, max_tokens: int | None = None,
              temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
-             calculator: Callable[[str], object] | None = use_calculator) -> Iterator[tuple[list[int], list[int]]]:
+             calculator: Callable[[str], object] | None = use_calculator,
+             compile: bool | None = None) -> Iterator[tuple[list[int], list[int]]]:
     """Yield ``(token_column, mask_column)`` per step for ``num_samples`` rows continuing ``prompt`` (token ids,
-    e.g. from chat_format.render_prompt). ``calculator=None`` disables tool use."""
+    e.g. from chat_format.render_prompt). ``calculator=None`` disables tool use. ``compile``: decode through a
+    static cache and a compiled step (``generation.static_decode``; None: the NANOCHAT_COMPILE switch); same
+    tokens, faster per step once compiled."""
     if not prompt or not all(isinstance(t, int) for t in prompt):
         raise ValueError("prompt must be a non-empty list of token ids (render it with chat_format first)")
     if max_tokens is None:
@@ -88,8 +92,13 @@ def generate(model, tokenizer, prompt: list[int], num_samples: int = 1, max_toke
     sp = _Specials(tokenizer)
     vocab = len(tokenizer)  # models may pad their output layer; never sample an id the tokenizer lacks
 
-    logits, cache = _prefill(model, prompt, num_samples, device)
-    (cache_name,) = cache_kwargs(model, None)  # the forward's name for the cache, looked up once
+    static = None
+    if compile_enabled(compile) and can_compile(model):
+        static = StaticDecoder(model, prompt, num_samples, max_tokens)
+        logits = static.first_logits
+    else:
+        logits, cache = _prefill(model, prompt, num_samples, device)
+        (cache_name,) = cache_kwargs(model, None)  # the forward's name for the cache, looked up once
     rows = [_Row() for _ in range(num_samples)]
     position = len(prompt)
     for _ in range(max_tokens):
@@ -104,6 +113,10 @@ def generate(model, tokenizer, prompt: list[int], num_samples: int = 1, max_toke
             masks.append(0 if forced else 1)
             _advance(row, token, sp, tokenizer, calculator)
         yield column, masks
+        if static is not None:
+            logits = static.step(torch.tensor(column, device=device)[:, None], position)
+            position += 1
+            continue
         out = model(input_ids=torch.tensor(column, device=device)[:, None], use_cache=True,
                     position_ids=torch.full((num_samples, 1), position, device=device), **{cache_name: cache})
         cache, logits = output_cache(out), out.logits[:, -1, :]

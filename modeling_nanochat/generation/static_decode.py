@@ -1,0 +1,110 @@
+"""Compiled decoding: a preallocated (static) KV cache and a `torch.compile`d decode step, behind one switch.
+
+The tool-use loop (chat CLI, app, ChatCORE, GRPO rollouts: `generation.tool_use.generate`) normally decodes eagerly
+with a growing cache. With the switch on it prefills the prompt once into a static cache, copies it to the batch's
+rows, and runs every later step through one compiled forward whose shapes never change (batch B, cache length L),
+so the Python of ~40 module calls per token collapses into one generated kernel sequence. The attention masks are
+built inside that compiled step (position ids are tensors; no shape depends on how far decoding is), unlike
+`generate()`, which builds them outside each step.
+
+The switch: `compile=True/False` where a caller offers it (`--compile` in the chat CLI and ChatCORE), else the
+environment variable NANOCHAT_COMPILE=1. Off by default: compiling costs ~10-15 s per new (batch, length) shape on
+a 2-core CPU (less with inductor's on-disk cache warm), which short chats never earn back (README, *Speed*).
+
+Any transformers causal LM whose class sets `_can_compile_fullgraph` can use it; ours brings `NanoChatStaticCache`
+(the smear state in a fixed buffer), others get transformers' `StaticCache`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import weakref
+
+import torch
+
+from modeling_nanochat.generation.hf_cache import cache_kwargs
+
+ENV = "NANOCHAT_COMPILE"
+MIN_CACHE_LEN = 256  # cache lengths are rounded up to powers of two from here: a few shapes, a few compiles
+
+_compiled = weakref.WeakKeyDictionary()  # model -> its compiled forward (one per model, recompiled per shape)
+
+
+def compile_enabled(flag: bool | None = None) -> bool:
+    """The switch: an explicit `flag` wins, else NANOCHAT_COMPILE (1/true/yes/on)."""
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def can_compile(model) -> bool:
+    """Whether `model` declares that its forward compiles as one graph with a static cache."""
+    return bool(getattr(model, "_can_compile_fullgraph", False) and getattr(model, "_supports_static_cache", False))
+
+
+def cache_length(needed: int) -> int:
+    """`needed` rounded up to a power of two, at least MIN_CACHE_LEN (rotary models have no hard position limit:
+    like the eager path, decoding may run past max_position_embeddings, under the long window's mask)."""
+    length = MIN_CACHE_LEN
+    while length < needed:
+        length *= 2
+    return length
+
+
+def static_cache(model, batch_size: int, max_cache_len: int):
+    """The model's own static cache class when its module defines one (ours: NanoChatStaticCache), else
+    transformers' StaticCache."""
+    from transformers.cache_utils import StaticCache
+
+    cls = getattr(importlib.import_module(type(model).__module__), "NanoChatStaticCache", StaticCache)
+    return cls(config=model.config, max_cache_len=max_cache_len, max_batch_size=batch_size)
+
+
+def compiled_forward(model):
+    """One compiled forward per model. `dynamic=False`: every shape is specialised (the fastest code), and the
+    shapes are few (batch sizes x power-of-two cache lengths)."""
+    step = _compiled.get(model)
+    if step is None:
+        step = _compiled[model] = torch.compile(model.forward, dynamic=False)
+    return step
+
+
+def _replicate(single, batch: int, into):
+    """Copy a batch-1 cache's filled positions into the B-row cache `into` through the public `update` (adapter:
+    reads `layers[i].keys/values` and `get_seq_length`, as every transformers 5 static layer has them)."""
+    n = int(single.get_seq_length())
+    for i, layer in enumerate(single.layers):
+        keys, values = layer.keys[:, :, :n], layer.values[:, :, :n]
+        into.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), i)
+    state = getattr(single, "smear_state", None)
+    if state is not None:
+        into.push_smear(state.expand(batch, -1, -1))
+    return into
+
+
+class StaticDecoder:
+    """Prefill once, then `step(ids (B, 1), position)` -> logits (B, V) through the compiled forward."""
+
+    def __init__(self, model, prompt: list[int], batch_size: int, max_new_tokens: int):
+        length = cache_length(len(prompt) + max_new_tokens)
+        device = next(model.parameters()).device
+        self.model, self.batch = model, batch_size
+        (self.name,) = cache_kwargs(model, None)  # the forward's name for the cache
+        single = static_cache(model, 1, length)
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        out = model(input_ids=ids, position_ids=torch.arange(len(prompt), device=device)[None], use_cache=True,
+                    logits_to_keep=1, **{self.name: single})
+        self.first_logits = out.logits[:, -1, :].expand(batch_size, -1)
+        self.cache = single if batch_size == 1 else _replicate(single, batch_size, static_cache(model, batch_size,
+                                                                                               length))
+        self.capacity = length
+        self.forward = compiled_forward(model)
+
+    def step(self, ids: torch.Tensor, position: int) -> torch.Tensor:
+        if position >= self.capacity:
+            raise ValueError(f"position {position} is past the static cache's {self.capacity} slots")
+        pos = torch.full((self.batch, 1), position, dtype=torch.long, device=ids.device)
+        out = self.forward(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                           **{self.name: self.cache})
+        return out.logits[:, -1, :]

@@ -1,0 +1,91 @@
+"""Static-cache, compiled decoding (generation/static_decode.py) gives the eager path's tokens, compiles once."""
+
+import pytest
+import torch
+from conftest import perturbed_model, tiny_config
+
+from modeling_nanochat.generation import static_decode
+from modeling_nanochat.generation.tool_use import generate
+from modeling_nanochat.modeling_nanochat import NanoChatStaticCache
+from modeling_nanochat.tokenizer.tokenizer import SPECIAL_TOKENS
+
+
+class _Tok:
+    """Specials at ids the model cannot emit: every row runs all max_tokens steps, no tool call fires."""
+
+    def __len__(self):
+        return 512
+
+    def convert_tokens_to_ids(self, token):
+        return -1 - SPECIAL_TOKENS.index(token)
+
+    def convert_ids_to_tokens(self, i):
+        return SPECIAL_TOKENS[-1 - i]
+
+    unk_token_id = None
+
+
+@pytest.fixture(scope="module")
+def model():
+    # windows of 24 (short) and 48 (long) tokens: a 20-token prompt and 40 new tokens cross both
+    return perturbed_model(tiny_config(max_position_embeddings=48), seed=3)
+
+
+def _tokens(model, rows, compile, n=40, **kw):
+    prompt = list(range(5, 25))
+    return [col for col, _ in generate(model, _Tok(), prompt, rows, max_tokens=n, temperature=0.0, compile=compile,
+                                       **kw)]
+
+
+class _CountingBackend:
+    """A torch.compile backend that runs the traced graph as is and counts how many graphs were compiled."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_static_compiled_tool_loop_equals_eager_and_compiles_once(model, rows, monkeypatch):
+    """The traced step (dynamo, fullgraph-able) across both windows: same greedy tokens, and one graph for all 40
+    steps: a per-token recompile (transformers' sliding static layer guards on a Python int) would show here."""
+    torch._dynamo.reset()
+    backend = _CountingBackend()
+    monkeypatch.setattr(static_decode, "_compiled", {})
+    monkeypatch.setattr(static_decode, "compiled_forward", lambda m: torch.compile(m.forward, backend=backend,
+                                                                                   fullgraph=True, dynamic=False))
+    assert _tokens(model, rows, compile=True) == _tokens(model, rows, compile=False)
+    assert backend.graphs == 1
+
+
+def test_inductor_compiled_rows_equal_eager(model):
+    """The real compiler (inductor), with the prompt's cache copied to two rows; sampled rows use one generator
+    alike, so a seeded sampling run matches too."""
+    torch._dynamo.reset()
+    assert _tokens(model, 2, compile=True) == _tokens(model, 2, compile=False)
+    sampled = [col for col, _ in generate(model, _Tok(), list(range(5, 25)), 2, max_tokens=12, temperature=1.0,
+                                          seed=7, compile=True)]
+    assert sampled == [col for col, _ in generate(model, _Tok(), list(range(5, 25)), 2, max_tokens=12,
+                                                  temperature=1.0, seed=7, compile=False)]
+
+
+def test_the_switch(monkeypatch):
+    monkeypatch.delenv(static_decode.ENV, raising=False)
+    assert not static_decode.compile_enabled()
+    monkeypatch.setenv(static_decode.ENV, "1")
+    assert static_decode.compile_enabled() and not static_decode.compile_enabled(False)
+    assert static_decode.cache_length(10) == 256 and static_decode.cache_length(300) == 512
+
+
+def test_static_cache_has_no_sliding_layers_and_matches_dynamic_past_the_windows(model):
+    """generate(cache_implementation="static") past both windows: our static cache keeps full-length layers (the
+    window is in the masks), and the tokens equal the dynamic cache's."""
+    cache = NanoChatStaticCache(config=model.config, max_cache_len=64)
+    assert not any(cache.is_sliding)
+    prompt = torch.arange(5, 25)[None]
+    kw = dict(max_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert model.generate(prompt, cache_implementation="static", **kw).tolist() == \
+        model.generate(prompt, **kw).tolist()
