@@ -24,6 +24,7 @@ import gradio as gr
 
 from modeling_nanochat.apps import chat_backend as cb
 from modeling_nanochat.apps.chat import load
+from modeling_nanochat.generation import static_decode
 from modeling_nanochat.utils.errors import NanochatError
 
 EXAMPLES = [
@@ -128,6 +129,7 @@ def parse_args(argv=None):
                    help="generations running at once (default: 1 for a local model, 16 for an endpoint, which "
                    "batches them); others wait in the queue")
     p.add_argument("--max-queue", type=int, default=100, help="waiting requests beyond this are turned away")
+    p.add_argument("--compile", action="store_true", help=static_decode.COMPILE_HELP)
     args = p.parse_args(argv)
     if args.model is None and args.endpoint is None:
         args.endpoint = os.environ.get("NANOCHAT_ENDPOINT") or None
@@ -142,6 +144,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.compile:
+        static_decode.enable()
     if args.endpoint:
         backend = cb.EndpointChat(args.endpoint, model=args.endpoint_model, timeout=args.endpoint_timeout)
         description = (f"Plain chat with the server at `{args.endpoint}`. Servers decode with special tokens "

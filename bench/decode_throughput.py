@@ -12,6 +12,11 @@ its time the TTFT; each later token = one decode step for all rows; decode tok/s
 * `tool_generation`: `modeling_nanochat.generation.tool_use.generate`, nanochat's Engine loop on the HF API (one
   batch-1 prefill, the cache repeated to B rows, the calculator state machine): the path of our chat CLI, app and
   ChatCORE.
+* `tool_generation_compiled`: the same loop with the switch on (`compile=True`: static cache, `torch.compile`d
+  decode step; generation/static_decode.py). Compiling happens in the untimed warm-up (its seconds are reported as
+  "compile_s").
+* `generate_static_compiled`: `model.generate(cache_implementation="static")` with a compile config for every
+  device (`static_decode.compile_generate`), what an HF user gets from the same switch.
 * `nanochat_engine` (--nanochat-dir): nanochat's own `Engine` on its `GPT` holding the same weights (converted with
   `modeling_nanochat.checkpoints.convert.to_nanochat`; nanochat is imported from that directory at run time).
 "prefill" is each path's batch-1 TTFT (prompt tokens / TTFT). "ratio_vs_nanochat" = ours / nanochat in tok/s
@@ -42,6 +47,7 @@ import transformers  # noqa: E402
 
 from modeling_nanochat import NanoChatConfig, NanoChatForCausalLM  # noqa: E402
 from modeling_nanochat.tokenizer.tokenizer import SPECIAL_TOKENS  # noqa: E402
+from modeling_nanochat.generation.static_decode import compile_generate  # noqa: E402
 from modeling_nanochat.generation.tool_use import generate as tool_generate  # noqa: E402
 
 
@@ -109,11 +115,13 @@ def hf_generate_steps(model, prompt, batch, new_tokens, device):
 def run_path(name, batch, ctx):
     """(ttft, decode step times, prefill tokens) of one generation on path `name`."""
     m, prompt, n, dev = ctx["model"], ctx["prompt"], ctx["new_tokens"], ctx["device"]
-    if name == "generate":
-        t0, marks = hf_generate_steps(m, prompt, batch, n, dev)
+    if name in ("generate", "generate_static_compiled"):
+        t0, marks = hf_generate_steps(ctx["static_model"] if name == "generate_static_compiled" else m, prompt,
+                                      batch, n, dev)
         return marks[0] - t0, [b - a for a, b in zip(marks, marks[1:])], batch * len(prompt)
-    if name == "tool_generation":
-        steps = tool_generate(m, ctx["tokenizer"], prompt, num_samples=batch, max_tokens=n, temperature=0.0)
+    if name.startswith("tool_generation"):
+        steps = tool_generate(m, ctx["tokenizer"], prompt, num_samples=batch, max_tokens=n, temperature=0.0,
+                              compile=name == "tool_generation_compiled")
     else:
         steps = ctx["engine"].generate(prompt, num_samples=batch, max_tokens=n, temperature=0.0)
     ttft, times = time_steps(steps, dev)
@@ -122,9 +130,13 @@ def run_path(name, batch, ctx):
 
 def greedy_tokens(name, ctx):
     gen = (tool_generate(ctx["model"], ctx["tokenizer"], ctx["prompt"], num_samples=1, max_tokens=ctx["new_tokens"],
-                         temperature=0.0) if name == "tool_generation" else
+                         temperature=0.0, compile=name == "tool_generation_compiled")
+           if name.startswith("tool_generation") else
            ctx["engine"].generate(ctx["prompt"], num_samples=1, max_tokens=ctx["new_tokens"], temperature=0.0))
     return [column[0] for column, _ in gen]
+
+
+PATHS = ("generate", "tool_generation", "tool_generation_compiled", "generate_static_compiled")
 
 
 def build_model(args, device, dtype):
@@ -151,7 +163,7 @@ def parse(argv):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--paths", default="generate,tool_generation", help="of ours: generate,tool_generation")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"of ours: {','.join(PATHS)}")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per path and batch size (median)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -177,15 +189,19 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     batches = [int(b) for b in args.batch_sizes.split(",")]
     paths = [p for p in args.paths.split(",") if p]
-    unknown = set(paths) - {"generate", "tool_generation"}
+    unknown = set(paths) - set(PATHS)
     if unknown:
-        raise SystemExit(f"--paths: unknown {sorted(unknown)}; choose from generate,tool_generation")
+        raise SystemExit(f"--paths: unknown {sorted(unknown)}; choose from {','.join(PATHS)}")
 
     model = build_model(args, device, dtype)
     g = torch.Generator().manual_seed(args.seed + 1)
     prompt = torch.randint(0, args.vocab_size - len(SPECIAL_TOKENS), (args.prompt_len,), generator=g).tolist()
     ctx = {"model": model, "prompt": prompt, "new_tokens": args.new_tokens, "device": device,
            "tokenizer": StandInTokenizer(args.vocab_size)}
+    if "generate_static_compiled" in paths:  # a second model object: generate()'s compiled step is cached per model
+        static_model = build_model(args, device, dtype)
+        static_model.load_state_dict(model.state_dict())
+        ctx["static_model"] = compile_generate(static_model)
     if args.nanochat_dir:
         from bench.nanochat_runtime import import_nanochat, nanochat_gpt
 
@@ -202,9 +218,13 @@ def main(argv=None):
     log(f"depth {args.depth}, {sum(p.numel() for p in model.parameters()):,} params, {device} {dtype}, "
         f"{torch.get_num_threads()} threads; prompt {args.prompt_len}, {args.new_tokens} new tokens; paths {paths}")
     raw = {(p, b): [] for p in paths for b in batches}
-    for b in batches:  # warm-up: allocator, kernels, first-call paths
+    compile_s = {}
+    for b in batches:  # warm-up: allocator, kernels, first-call paths; compiled paths compile their shapes here
         for p in paths:
-            run_path(p, b, {**ctx, "new_tokens": 4})
+            t0 = time.perf_counter()
+            run_path(p, b, ctx if "compiled" in p else {**ctx, "new_tokens": 4})
+            if "compiled" in p:
+                compile_s.setdefault(p, {})[str(b)] = round(time.perf_counter() - t0, 2)
     for r in range(args.repeats):
         for b in batches:
             order = paths if r % 2 == 0 else paths[::-1]  # ABBA across repeats
@@ -236,7 +256,7 @@ def main(argv=None):
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "transformers": transformers.__version__, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "repeats": args.repeats, "prefill": prefill, "decode": decode,
+        "repeats": args.repeats, "prefill": prefill, "decode": decode, "compile_s": compile_s,
     }
     if "engine" in ctx:
         ref = {d["batch_size"]: d for d in decode["nanochat_engine"]}
@@ -248,7 +268,10 @@ def main(argv=None):
             p: {"prefill": round(prefill[p]["tok_per_s"] / prefill["nanochat_engine"]["tok_per_s"], 3),
                 "decode": ratios(p, "decode_tok_per_s"), "decode_best": ratios(p, "decode_tok_per_s_best")}
             for p in paths if p != "nanochat_engine"}
-        out["same_greedy_tokens"] = greedy_tokens("tool_generation", ctx) == greedy_tokens("nanochat_engine", ctx)
+        want = greedy_tokens("nanochat_engine", ctx)
+        out["same_greedy_tokens"] = greedy_tokens("tool_generation", ctx) == want
+        if "tool_generation_compiled" in paths:
+            out["same_greedy_tokens_compiled"] = greedy_tokens("tool_generation_compiled", ctx) == want
     for p in paths:
         log(f"{p:>16}: prefill {prefill[p]['tok_per_s']:>10,.0f} tok/s | decode tok/s " +
             ", ".join(f"B={d['batch_size']}: {d['decode_tok_per_s']:,.0f}" for d in decode[p]))

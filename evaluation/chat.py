@@ -37,6 +37,7 @@ from modeling_nanochat.utils.distributed import rank_world
 from modeling_nanochat.utils.dtypes import torch_dtype
 from modeling_nanochat.utils.errors import cli_main
 from modeling_nanochat.tokenizer.tokenizer import encode_ordinary, special_token_id
+from modeling_nanochat.generation import static_decode
 from modeling_nanochat.generation.tool_use import generate_batch
 
 from .tasks import ALL_TASKS, TASKS, ChatTask
@@ -248,6 +249,7 @@ def _parse(argv):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
     p.add_argument("--trust-remote-code", action="store_true", help="use the modeling code saved with the model")
+    p.add_argument("--compile", action="store_true", help=static_decode.COMPILE_HELP)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -261,6 +263,8 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = _parse(argv)
+    if args.compile:
+        static_decode.enable()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM

@@ -21,6 +21,7 @@ import torch
 from modeling_nanochat.generation.calculator import use_calculator
 from modeling_nanochat.tokenizer.chat_format import render_prompt
 from modeling_nanochat.tokenizer.tokenizer import special_token_id
+from modeling_nanochat.generation import static_decode
 from modeling_nanochat.generation.tool_use import IncrementalDecoder, generate
 from modeling_nanochat.utils.errors import cli_main
 
@@ -134,6 +135,7 @@ def _parse(argv):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--no-tools", action="store_true", help="do not run the calculator on python calls")
+    p.add_argument("--compile", action="store_true", help=static_decode.COMPILE_HELP)
     args = p.parse_args(argv)
     if args.temperature < 0 or args.top_k < 0 or args.max_tokens < 1:
         p.error("need --temperature >= 0, --top-k >= 0 and --max-tokens >= 1")
@@ -146,6 +148,8 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = _parse(argv)
+    if args.compile:
+        static_decode.enable()
     from modeling_nanochat.checkpoints.model_dirs import resolve_model
 
     try:
