@@ -28,7 +28,7 @@ class _Tok:
 @pytest.fixture(scope="module")
 def model():
     # windows of 24 (short) and 48 (long) tokens: a 20-token prompt and 40 new tokens cross both
-    return perturbed_model(tiny_config(max_position_embeddings=48), seed=3)
+    return perturbed_model(tiny_config(max_position_embeddings=48, short_window=24), seed=3)
 
 
 def _tokens(model, rows, compile, n=40, **kw):
