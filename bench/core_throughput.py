@@ -20,6 +20,7 @@ tiny committed fixture tests/fixtures/nanochat_current is converted. fp32 on CPU
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -126,7 +127,8 @@ def main(argv=None):
     data = [(spec, load_rows(spec, args.max_per_task)) for spec in load_bundle(bundle, tasks)]
     n_examples = sum(len(rows) for _, rows in data)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or make_model_dir(args, tmp)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON line; deepspeed's import prints there
+            model_dir = args.model or make_model_dir(args, tmp)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         kw = dict(max_per_task=args.max_per_task, batch_size=args.batch_size,

@@ -70,9 +70,9 @@ def _score_task(task: CoreTask, rows: list[Row], scorer: Scorer, encode: PromptE
             if remaining[owner[i]] == 0:
                 bar.update(1)
 
-    scores = scorer.score(seqs, on_batch)
+    scores = scorer.score(seqs, on_batch, groups=owner)  # an example's options share their prefix's forward
     if world > 1:  # same number of forwards on every rank (sharded weights are gathered inside forward)
-        mine = scorer.n_batches(seqs)
+        mine = scorer.n_batches(seqs, groups=owner)
         most = torch.tensor([mine], device=scorer.device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         for _ in range(int(most.item()) - mine):
@@ -93,7 +93,7 @@ def _score_task(task: CoreTask, rows: list[Row], scorer: Scorer, encode: PromptE
 
 def evaluate_core(model, tokenizer, bundle_dir=None, *, max_per_task: int = -1, tasks: list[str] | None = None,
                   batch_size: int = 32, max_batch_tokens: int | None = None, device=None, max_length: int | None = None,
-                  progress: bool = True, return_items: bool = False) -> dict:
+                  progress: bool = True, return_items: bool = False, share_prefix: bool = True) -> dict:
     """CORE of an in-memory causal LM. Returns ``{"results": {task: {"accuracy", "centered"}}, "core": float,
     "cropped": {task: n}}`` (+ ``"items"``: per-example records, when `return_items`).
 
@@ -101,8 +101,10 @@ def evaluate_core(model, tokenizer, bundle_dir=None, *, max_per_task: int = -1, 
     $NANOCHAT_BASE_DIR/eval_bundle). max_per_task > 0 evaluates nanochat's subsample of that size. batch_size and
     max_batch_tokens (default: 2048 on CPU, 32768 elsewhere) bound one forward. device: where inputs go (default:
     the model's). max_length: cut longer prompts from the left (default: the model's hard position limit, None for
-    rotary models). When torch.distributed is initialized, every rank must call this; examples are split by rank
-    and results gathered. The model is put in eval mode and given back in the mode it came in.
+    rotary models). share_prefix: run an example's common prompt prefix once for all its options (see
+    core_scoring.Scorer; False: every option whole, as nanochat does). When torch.distributed is initialized,
+    every rank must call this; examples are split by rank and results gathered. The model is put in eval mode and
+    given back in the mode it came in.
     """
     rank, world = rank_world()
     specs = load_bundle(ensure_bundle(bundle_dir), tasks)
@@ -110,7 +112,8 @@ def evaluate_core(model, tokenizer, bundle_dir=None, *, max_per_task: int = -1, 
     if device is None:
         device = next(model.parameters()).device
     encode = PromptEncoder(tokenizer)
-    scorer = Scorer(model, encode.bos_id, device, batch_size, max_batch_tokens)  # nanochat pads with BOS
+    scorer = Scorer(model, encode.bos_id, device, batch_size, max_batch_tokens,  # nanochat pads with BOS
+                    share_prefix=share_prefix)
     limit = max_length if max_length is not None else position_limit(model)
     total = sum(len(range(rank, len(rows), world)) for _, rows in data)
     bar = tqdm(total=total, unit="ex", desc="CORE", disable=not progress or rank != 0, dynamic_ncols=True)

@@ -695,6 +695,7 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
             cache = _new_cache(self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        plain = position_ids is None and attention_mask is None and cache is None  # one unpadded sequence per row
         if position_ids is None:
             position_ids = _next_positions(inputs_embeds, cache)
         elif position_ids.dim() == 1:
@@ -708,7 +709,12 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
             server_decode = "kv_cache" in kwargs and kwargs.get("cu_seqlen_prefill") is None
             x = self._smear(x, position_ids, None if ready_masks is not None else attention_mask, cache,
                             kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlen_prefill")), server_decode)
-        masks = ready_masks if ready_masks is not None else self._masks(x, attention_mask, position_ids, cache)
+        if ready_masks is not None:
+            masks = ready_masks
+        elif plain and not self.training and getattr(self.config, "_attn_implementation", None) == "sdpa":
+            masks = _window_masks(self.config, x)
+        else:
+            masks = self._masks(x, attention_mask, position_ids, cache)
         position_embeddings = self.rotary_emb(x, position_ids)
 
         x0 = x
@@ -736,6 +742,25 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
         out = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=all_hidden, attentions=all_attentions,
                                       **{_OUTPUT_CACHE_FIELD: cache if use_cache else None})
         return out if return_dict is not False else out.to_tuple()
+
+
+def _window_masks(config, x):
+    """Masks for rows that are each one whole sequence from position 0 (scoring, evaluation): None where the causal
+    fast path of SDPA suffices (the sequence fits the window), else one additive (T, T) mask shared by the batch and
+    by every layer of that window. transformers' factory builds a (B, 1, T, T) boolean mask that SDPA converts per
+    layer; for a 10-shot CORE batch that conversion and the wider mask took more time than the attention itself."""
+    t = x.shape[1]
+    idx = torch.arange(t, device=x.device)
+    masks = {}
+    for kind in set(config.layer_types):
+        window = config.short_window if kind == "sliding_attention" else config.long_window
+        if window < 0 or t <= window + 1:
+            masks[kind] = None
+        else:
+            allowed = (idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] <= window)
+            masks[kind] = torch.zeros(t, t, dtype=x.dtype, device=x.device).masked_fill_(
+                ~allowed, torch.finfo(x.dtype).min)[None, None]
+    return masks
 
 
 def _next_positions(x, cache):

@@ -115,14 +115,18 @@ class _Peeking(torch.nn.Module):
     """Scores as if it knew the next token (it reads it from the input): every continuation is reproduced, so
     language_modeling is always right; `wrong_last` makes it miss the last token of every row instead."""
 
-    def __init__(self, vocab, wrong_last=False):
+    def __init__(self, vocab, wrong_last=False, bos=None):
         super().__init__()
-        self.vocab, self.wrong_last = vocab, wrong_last
+        self.vocab, self.wrong_last, self.bos = vocab, wrong_last, bos
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, input_ids, attention_mask=None, logits_to_keep=0, use_cache=None):
         nxt = torch.roll(input_ids, -1, dims=1)
         if self.wrong_last:
+            if attention_mask is None:  # right-padded with BOS, which no continuation contains after position 0
+                real = input_ids != self.bos
+                real[:, 0] = True
+                attention_mask = real.long().cumprod(1)
             last = attention_mask.sum(1) - 2  # the position that predicts each row's last real token
             nxt[torch.arange(len(nxt)), last] = (nxt[torch.arange(len(nxt)), last] + 1) % self.vocab
         logits = torch.nn.functional.one_hot(nxt, self.vocab).float() * 10
@@ -142,7 +146,8 @@ def test_language_modeling_needs_every_token(cls, tokenizer, bundle):
     right = evaluate_core(cls(len(tokenizer)), tokenizer, bundle, **kw)
     assert all(r["accuracy"] == 1.0 and r["centered"] == 1.0 for r in right["results"].values())
     assert right["core"] == 1.0
-    wrong = evaluate_core(cls(len(tokenizer), wrong_last=True), tokenizer, bundle, **kw)
+    bos = tokenizer.convert_tokens_to_ids("<|bos|>")
+    wrong = evaluate_core(cls(len(tokenizer), wrong_last=True, bos=bos), tokenizer, bundle, **kw)
     assert all(r["accuracy"] == 0.0 for r in wrong["results"].values())
 
 
@@ -279,7 +284,7 @@ def test_gpt2_with_position_limit(tmp_path, tokenizer, bundle):
     tokenizer.save_pretrained(tmp_path / "gpt2")
     gpt2 = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2").eval()
     assert position_limit(gpt2) == 128
-    kw = dict(max_per_task=11, tasks=["jeopardy", "copa"], progress=False, return_items=True)
+    kw = dict(max_per_task=11, tasks=["jeopardy", "copa"], progress=False, return_items=True, share_prefix=False)
     out = evaluate_core(gpt2, tokenizer, bundle, **kw)  # wpe has 128 rows: an uncut 10-shot prompt would crash
     assert out["cropped"]["jeopardy"] == 11 and out["cropped"]["copa"] == 0
     assert all(len(s[0]) <= 128 for r in out["items"]["jeopardy"] for s in r["sequences"])

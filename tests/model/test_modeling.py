@@ -278,3 +278,22 @@ def test_ids_from_the_wrong_tokenizer_are_a_clear_error():
     model = perturbed_model(tiny_config())
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model(torch.tensor([[1, 2, 9999]]))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_shared_window_masks_equal_the_mask_factory(impl):
+    """Whole unpadded rows (scoring) take `_window_masks` (one additive mask per window, or none) under sdpa; the
+    same rows with an all-ones attention_mask go through transformers' factory. Past both windows they agree."""
+    model = perturbed_model(tiny_config(max_position_embeddings=48, short_window=24), seed=5)  # windows 24, 48
+    model.config._attn_implementation = impl
+    ids = torch.randint(0, 500, (3, 70), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = model(ids, use_cache=False).logits
+        factory = model(ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        short = model(ids[:, :20], use_cache=False).logits  # inside both windows: no mask at all
+    torch.testing.assert_close(fast, factory, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(short, factory[:, :20], atol=1e-4, rtol=1e-4)
+    from modeling_nanochat import modeling_nanochat as mn
+    masks = mn._window_masks(model.config, torch.zeros(1, 70, 8))
+    assert all(m is not None and m.shape == (1, 1, 70, 70) for m in masks.values())
+    assert all(m is None for m in mn._window_masks(model.config, torch.zeros(1, 20, 8)).values())
