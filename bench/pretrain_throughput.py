@@ -62,8 +62,11 @@ class Trainee:
         self.round_tok_per_s, self.step_s, self.losses, self.peak_bytes = [], [], [], 0
 
 
-def build_ours(config, device, compile_model, compile_optimizer):
+def build_ours(config, device, compile_model, compile_optimizer, convert=None):
+    """`convert(model, device)`, when given, rewrites the model before the optimizer sees its parameters (fp8)."""
     model = NanoChatForCausalLM(config).to(device).train()  # post_init applies nanochat's init rules
+    if convert is not None:
+        convert(model, device)
     cuda = device.type == "cuda"
     optimizer = MuonAdamW(build_param_groups(model), compile=compile_optimizer,
                           muon_compute_dtype=torch.bfloat16 if cuda else None)

@@ -224,6 +224,11 @@ def _model_and_optimizer(args, acc, config, plan, deepspeed: bool):
     if not deepspeed:  # DeepSpeed moves and broadcasts the (possibly partitioned) parameters itself
         model.to(acc.device)
         _broadcast_parameters(model)
+    if acc.device.type == "cuda":  # flash-attn3 on Hopper as nanochat runs it, else sdpa; the log says which
+        from modeling_nanochat.utils.attention import use_best_attention
+        attn, reason = use_best_attention(model, acc.device)
+        if acc.is_main_process:
+            print(f"attention: {reason}", flush=True)
     if args.fp8:
         _apply_fp8(model, acc.device)
     groups_kw = dict(unembedding_lr=plan.unembedding_lr, embedding_lr=plan.embedding_lr, matrix_lr=plan.matrix_lr,
