@@ -7,34 +7,16 @@ import random
 import pytest
 import torch
 
-from conftest import FIXTURES, shared_path
+from test_core import bundle, model, tokenizer  # noqa: F401 - the fixtures CORE's tests share
 from evaluation.core import evaluate_core
 from evaluation.core_bundle import load_bundle
 from evaluation.core_prompts import ScoredSequence
 from evaluation.core_scoring import Scorer, plan_shared_batches, shared_prefix_length, split_shared
-from modeling_nanochat import NanoChatForCausalLM
-from modeling_nanochat.checkpoints.convert import load_nanochat_checkpoint
-from modeling_nanochat.tokenizer.tokenizer import convert_nanochat_tokenizer
 
 
-@pytest.fixture(scope="module")
-def bundle():
-    return shared_path("core_sample")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return convert_nanochat_tokenizer(str(FIXTURES / "nanochat_tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def model():
-    """The tiny perturbed nanochat model (smear on, sliding-window layers): arbitrary but deterministic answers."""
-    state, config, _, _ = load_nanochat_checkpoint(FIXTURES / "nanochat_current")
-    m = NanoChatForCausalLM(config)
-    m.load_state_dict(state)
-    assert float(m.model.smear_lambda.detach().abs()) > 0 and "sliding_attention" in config.layer_types  # worth testing
-    return m.eval()
+def test_the_fixture_model_is_worth_testing(model):
+    """The shared fixture model (test_core's): smear on and sliding-window layers, the parts prefix reuse can break."""
+    assert float(model.model.smear_lambda.detach().abs()) > 0 and "sliding_attention" in model.config.layer_types
 
 
 class _Counter:
