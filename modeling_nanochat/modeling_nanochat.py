@@ -437,7 +437,7 @@ else:
 def _static_full_layers(cache):
     """Swap a static cache's not-yet-used sliding layers for full static layers of the cache's length (adapter:
     relies on `layers`, `is_sliding`, `is_initialized` and `max_cache_len` of transformers' static layers, checked by
-    tests/model/test_cache_adapter.py)."""
+    tests/generation/test_static_decode.py: no sliding layer left, one compiled graph for every decode step)."""
     layers = getattr(cache, "layers", None)
     if not layers or _StaticLayer is None:
         return cache

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 import weakref
 
 import torch
@@ -29,6 +30,9 @@ ENV = "NANOCHAT_COMPILE"
 MIN_CACHE_LEN = 256  # cache lengths are rounded up to powers of two from here: a few shapes, a few compiles
 
 _compiled = weakref.WeakKeyDictionary()  # model -> its compiled forward (one per model, recompiled per shape)
+# One compiled step at a time in a process: the app serves several chats from threads, and dynamo's stance (guard
+# skipping below) and its caches are process-wide; a CPU step uses every core anyway.
+_STEP_LOCK = threading.Lock()
 
 
 def compile_enabled(flag: bool | None = None) -> bool:
@@ -128,10 +132,11 @@ class StaticDecoder:
             raise ValueError(f"position {position} is past the static cache's {self.capacity} slots")
         pos = torch.full((self.batch, 1), position, dtype=torch.long, device=ids.device)
         kwargs = dict(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **{self.name: self.cache})
-        if not self.checked:  # the first step of this loop checks every guard (and compiles a new shape)
-            self.checked = True
-            return self.forward(**kwargs).logits[:, -1, :]
-        # Later steps differ from the first only in tensor values (same model, cache, shapes, dtypes), so dynamo's
-        # guard checks, ~0.2 ms a step on a CPU (~10% of a small model's step), are skipped
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            return self.forward(**kwargs).logits[:, -1, :]
+        with _STEP_LOCK:
+            if not self.checked:  # the first step of this loop checks every guard (and compiles a new shape)
+                self.checked = True
+                return self.forward(**kwargs).logits[:, -1, :]
+            # Later steps differ from the first only in tensor values (same model, cache, shapes, dtypes), so
+            # dynamo's guard checks, ~0.2 ms a step on a CPU (~10% of a small model's step), are skipped
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self.forward(**kwargs).logits[:, -1, :]

@@ -89,3 +89,19 @@ def test_static_cache_has_no_sliding_layers_and_matches_dynamic_past_the_windows
     kw = dict(max_new_tokens=40, do_sample=False, pad_token_id=0)
     assert model.generate(prompt, cache_implementation="static", **kw).tolist() == \
         model.generate(prompt, **kw).tolist()
+
+
+def test_concurrent_compiled_loops_of_different_batch_sizes(model, monkeypatch):
+    """The app decodes several chats from threads: compiled loops of two shapes at once, their later steps skipping
+    dynamo's guard checks, still give each its own eager tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(static_decode, "_compiled", {})
+    backend = _CountingBackend()
+    monkeypatch.setattr(static_decode, "compiled_forward", lambda m: torch.compile(m.forward, backend=backend,
+                                                                                   dynamic=False))
+    want = {rows: _tokens(model, rows, compile=False) for rows in (1, 3)}
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [(rows, pool.submit(_tokens, model, rows, True)) for rows in (1, 3, 1, 3)]
+        assert all(f.result() == want[rows] for rows, f in jobs)
