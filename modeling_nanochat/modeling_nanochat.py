@@ -328,7 +328,9 @@ class NanoChatStaticCache(StaticCache):
         last = x[:, -1:].detach()
         state = self.smear_state
         if state is None or state.shape != last.shape or state.dtype != last.dtype or state.device != last.device:
-            self.smear_state = last.clone()
+            # contiguous strides: a (1, 1, C) slice of a (1, T, C) prefill keeps stride T*C, which a compiled step
+            # guards on, so every prompt length would compile anew
+            self.smear_state = last.clone(memory_format=torch.contiguous_format)
         else:
             state.copy_(last)
 

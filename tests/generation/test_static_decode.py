@@ -61,6 +61,21 @@ def test_static_compiled_tool_loop_equals_eager_and_compiles_once(model, rows, m
     assert backend.graphs == 1
 
 
+def test_prompts_of_other_lengths_reuse_the_compiled_step(model, monkeypatch):
+    """ChatCORE decodes problem after problem at batch 1: a new prompt length must not compile anew (the smear state
+    once kept the prefill's strides, (T*C, C, 1), and every prompt length recompiled)."""
+    torch._dynamo.reset()
+    backend = _CountingBackend()
+    step = torch.compile(model.forward, backend=backend, fullgraph=True, dynamic=False)
+    monkeypatch.setattr(static_decode, "compiled_forward", lambda m: step)
+    for length in (7, 11, 20):
+        prompt = list(range(5, 5 + length))
+        ours = [c for c, _ in generate(model, _Tok(), prompt, 1, max_tokens=6, temperature=0.0, compile=True)]
+        assert ours == [c for c, _ in generate(model, _Tok(), prompt, 1, max_tokens=6, temperature=0.0,
+                                               compile=False)]
+    assert backend.graphs == 1
+
+
 def test_inductor_compiled_rows_equal_eager(model):
     """The real compiler (inductor), with the prompt's cache copied to two rows; sampled rows use one generator
     alike, so a seeded sampling run matches too."""
