@@ -124,7 +124,8 @@ class Pretrainer:
         self.teacher = teacher  # frozen; set: the loss is distillation's (pretrain/distill.py)
         self._parts = None  # the step's distillation terms, for metrics.jsonl
         self.model = model  # the plain module: evaluation, sampling, saving
-        self.train_model = train_model or model  # possibly torch.compile'd or a DeepSpeed engine
+        # possibly torch.compile'd or a DeepSpeed engine; `is None`, not `or`: a compiled module has no truth value
+        self.train_model = model if train_model is None else train_model
         self.ds = deepspeed_engine
         self.tokenizer = tokenizer
         self.optimizer = optimizer
