@@ -2,6 +2,8 @@
 
     python -m evaluation.chat --model DIR --task all [--data PATH] [--limit N] [--output FILE.json]
     torchrun --nproc_per_node 2 -m evaluation.chat --model DIR ...   # problems split by rank, results gathered
+    python -m evaluation.chat --model DIR --task gsm8k --output a.json --also '--task mmlu --output b.json'
+                                      # several sets, one process: the model loaded (and compiled) once
 
 Tasks as nanochat's scripts/chat_eval.py runs them (reference §6.3):
 
@@ -26,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 
 import torch
@@ -226,11 +229,8 @@ def _task_names(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m evaluation.chat", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a transformers causal LM directory with a nanochat tokenizer")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+def _add_run_flags(p):
+    """The flags of one set of tasks (what `--also` may repeat); the model's flags are given once."""
     p.add_argument("--task", type=_task_names, default=list(TASKS),
                    help=f"{'|'.join(ALL_TASKS)}|all (the five ChatCORE tasks), or several separated by commas "
                         "(default: all)")
@@ -245,6 +245,19 @@ def _parse(argv):
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=50)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m evaluation.chat", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a transformers causal LM directory with a nanochat tokenizer")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    _add_run_flags(p)
+    p.add_argument("--also", action="append", default=[], metavar="'FLAGS'",
+                   help="another set of tasks for the same model in the same process (the model is loaded, and "
+                        "with --compile compiled, once): a quoted string of the flags above from --task to --top-k, "
+                        "each defaulting to the main set's (but --output), e.g. --also '--task gsm8k --data "
+                        "sample.jsonl --output b.json'; repeatable")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: this rank's accelerator or cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
@@ -252,8 +265,22 @@ def _parse(argv):
     p.add_argument("--compile", action="store_true", help=static_decode.COMPILE_HELP)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be >= 1")
+    also = argparse.ArgumentParser(prog="--also", add_help=False, exit_on_error=False)
+    _add_run_flags(also)  # a set's flags default to the main set's (so --limit N applies to all), but its output
+    also.set_defaults(**{k: getattr(args, k) for k in vars(also.parse_args([])) if k != "output"})
+    args.runs = [args]
+    for flags in args.also:
+        try:
+            run, unknown = also.parse_known_args(shlex.split(flags))
+        except (argparse.ArgumentError, ValueError) as e:
+            p.error(f"--also {flags!r}: {e}")
+        if unknown:
+            p.error(f"--also {flags!r}: {' '.join(unknown)} cannot go in --also (only --task ... --top-k; the "
+                    "model's flags are given once, outside it)")
+        args.runs.append(run)
+    for run in args.runs:
+        if run.limit is not None and run.limit < 1:
+            p.error("--limit must be >= 1")
     return args
 
 
@@ -278,31 +305,34 @@ def _main(argv=None) -> int:
     dtype = torch_dtype(args.dtype, device)
     try:
         with state.main_process_first():  # one rank fills the datasets cache, the others read it
-            tasks = load_tasks(args.task, args.data)
+            # every set's data is read before the model is loaded: a bad path fails in seconds
+            all_tasks = [load_tasks(run.task, run.data) for run in args.runs]
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if state.is_main_process:
-        logger.info("ChatCORE: %s on %s (%s), %d process(es), tasks %s", args.model, device, dtype,
-                    rank_world()[1], ", ".join(t.title for t in tasks.values()))
     model = load_model(args.model, AutoModelForCausalLM, dtype=dtype, trust_remote_code=args.trust_remote_code)
     model.to(device).eval()
     tokenizer = load_model_tokenizer(args.tokenizer or args.model, config=model.config,
                                      trust_remote_code=args.trust_remote_code)
-    out = evaluate_chat(model, tokenizer, tasks=list(tasks.values()), limit=args.limit, batch_size=args.batch_size,
-                        num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, progress=not args.no_progress)
-    if state.is_main_process:
-        print(format_table(out))
-        if args.output:
-            out["settings"] = {k: v for k, v in vars(args).items() if k != "output"}
-            out["world_size"] = rank_world()[1]
-            if "humaneval" in tasks:
-                from .sandbox import capabilities
+    for run, tasks in zip(args.runs, all_tasks):
+        if state.is_main_process:
+            logger.info("ChatCORE: %s on %s (%s), %d process(es), tasks %s", args.model, device, dtype,
+                        rank_world()[1], ", ".join(t.title for t in tasks.values()))
+        out = evaluate_chat(model, tokenizer, tasks=list(tasks.values()), limit=run.limit, batch_size=run.batch_size,
+                            num_samples=run.num_samples, max_new_tokens=run.max_new_tokens,
+                            temperature=run.temperature, top_k=run.top_k, progress=not args.no_progress)
+        if state.is_main_process:
+            print(format_table(out))
+            if run.output:
+                out["settings"] = {k: v for k, v in vars(args).items() if k not in ("output", "also", "runs")}
+                out["settings"].update({k: v for k, v in vars(run).items() if k not in ("output", "also", "runs")})
+                out["world_size"] = rank_world()[1]
+                if "humaneval" in tasks:
+                    from .sandbox import capabilities
 
-                out["sandbox"] = capabilities()
-            atomic_write(args.output, json.dumps(out, indent=2, ensure_ascii=False))  # never half-written
-            logger.info("wrote %s", args.output)
+                    out["sandbox"] = capabilities()
+                atomic_write(run.output, json.dumps(out, indent=2, ensure_ascii=False))  # never half-written
+                logger.info("wrote %s", run.output)
     state.wait_for_everyone()
     return 0
 

@@ -205,3 +205,34 @@ def test_cli_offline_without_data_fails_fast(tiny_model_dir):
     proc = _cli(["--model", str(tiny_model_dir / "model"), "--task", "gsm8k"], tiny_model_dir, (sys.executable,))
     assert proc.returncode == 2
     assert "HF_HUB_OFFLINE=1" in proc.stderr and "--data" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_also_runs_several_sets_in_one_process(tiny_model_dir):
+    """--also: each set's output equals what a process of its own writes; flags it leaves out come from the main
+    set (--limit here), its output does not."""
+    d = tiny_model_dir
+    common = ["--model", str(d / "model"), "--no-progress", "--limit", "3"]
+    a = ["--task", "mmlu", "--data", str(d / "data"), "--max-new-tokens", "5"]
+    b = ["--task", "gsm8k", "--data", str(d / "data" / "gsm8k.jsonl"), "--max-new-tokens", "7"]
+    both = _cli([*common, *a, "--output", str(d / "a.json"),
+                 "--also", " ".join([*b, "--output", str(d / "b.json")])], d, (sys.executable,))
+    assert both.returncode == 0, both.stderr[-3000:]
+    alone = _cli([*common, *b, "--output", str(d / "b_alone.json")], d, (sys.executable,))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    out_a, out_b = (json.loads((d / f).read_text()) for f in ("a.json", "b.json"))
+    assert list(out_a["results"]) == ["mmlu"] and list(out_b["results"]) == ["gsm8k"]
+    assert out_b["results"] == json.loads((d / "b_alone.json").read_text())["results"]
+    assert out_b["results"]["gsm8k"]["total"] == 3 and out_b["settings"]["max_new_tokens"] == 7
+
+
+def test_cli_also_refuses_model_flags_and_bad_data_early(tiny_model_dir, capsys):
+    from evaluation.chat import _parse
+
+    with pytest.raises(SystemExit) as e:
+        _parse(["--model", "m", "--also", "--task gsm8k --dtype float32"])
+    assert e.value.code == 2 and "--dtype float32 cannot go in --also" in capsys.readouterr().err
+    d = tiny_model_dir
+    proc = _cli(["--model", str(d / "model"), "--task", "mmlu", "--data", str(d / "data"),
+                 "--also", f"--task gsm8k --data {d / 'nope.jsonl'}"], d, (sys.executable,))
+    assert proc.returncode == 2 and "nope.jsonl" in proc.stderr and "Traceback" not in proc.stderr
