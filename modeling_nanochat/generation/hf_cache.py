@@ -11,6 +11,8 @@ from __future__ import annotations
 import inspect
 from functools import lru_cache
 
+import torch
+
 
 @lru_cache(maxsize=64)
 def _forward_takes_cache(forward_type) -> bool:
@@ -28,3 +30,14 @@ def output_cache(outputs):
     """The cache a forward returned, read from ``cache`` (>= 5.25) or ``past_key_values`` without a warning."""
     fields = getattr(outputs, "__dataclass_fields__", {})
     return getattr(outputs, "cache" if "cache" in fields else "past_key_values", None)
+
+
+def prefill(model, prompt: list[int], cache=None):
+    """One forward of a batch-1 prompt (token ids) at positions 0..T-1 into ``cache`` (None: the model makes its
+    own), keeping only the last position's logits (the full (T, V) logits cost as much as a layer). Returns
+    (logits (1, V), the filled cache)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    out = model(input_ids=ids, position_ids=torch.arange(len(prompt), device=device)[None], use_cache=True,
+                logits_to_keep=1, **cache_kwargs(model, cache))
+    return out.logits[:, -1, :], output_cache(out)

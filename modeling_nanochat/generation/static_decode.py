@@ -24,7 +24,7 @@ import weakref
 
 import torch
 
-from modeling_nanochat.generation.hf_cache import cache_kwargs
+from modeling_nanochat.generation.hf_cache import cache_kwargs, prefill
 
 ENV = "NANOCHAT_COMPILE"
 MIN_CACHE_LEN = 256  # cache lengths are rounded up to powers of two from here: a few shapes, a few compiles
@@ -67,7 +67,8 @@ def cache_length(needed: int) -> int:
 
 def static_cache(model, batch_size: int, max_cache_len: int):
     """The model's own static cache class when its module defines one (ours: NanoChatStaticCache), else
-    transformers' StaticCache."""
+    transformers' StaticCache. (`max_batch_size`: transformers 4.x's StaticCache needs it; 5.x takes the batch from
+    the first update and ignores it.)"""
     from transformers.cache_utils import StaticCache
 
     cls = getattr(importlib.import_module(type(model).__module__), "NanoChatStaticCache", StaticCache)
@@ -114,14 +115,10 @@ class StaticDecoder:
 
     def __init__(self, model, prompt: list[int], batch_size: int, max_new_tokens: int):
         length = cache_length(len(prompt) + max_new_tokens)
-        device = next(model.parameters()).device
-        self.model, self.batch = model, batch_size
+        self.batch = batch_size
         (self.name,) = cache_kwargs(model, None)  # the forward's name for the cache
-        single = static_cache(model, 1, length)
-        ids = torch.tensor([prompt], dtype=torch.long, device=device)
-        out = model(input_ids=ids, position_ids=torch.arange(len(prompt), device=device)[None], use_cache=True,
-                    logits_to_keep=1, **{self.name: single})
-        self.first_logits = out.logits[:, -1, :].expand(batch_size, -1)
+        logits, single = prefill(model, prompt, static_cache(model, 1, length))
+        self.first_logits = logits.expand(batch_size, -1)
         self.cache = single if batch_size == 1 else _replicate(single, batch_size, static_cache(model, batch_size,
                                                                                                length))
         self.capacity, self.checked = length, False

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from modeling_nanochat.generation.calculator import use_calculator
-from modeling_nanochat.generation.hf_cache import cache_kwargs, output_cache
+from modeling_nanochat.generation.hf_cache import cache_kwargs, output_cache, prefill
 from modeling_nanochat.generation.static_decode import StaticDecoder, can_compile, compile_enabled
 from modeling_nanochat.tokenizer.tokenizer import encode_ordinary, special_token_id
 
@@ -58,16 +58,13 @@ class _Specials:
 
 def _prefill(model, prompt: list[int], num_samples: int, device):
     """Run the prompt once and return (last logits (B, V), cache for B rows)."""
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    # logits_to_keep=1: only the last position's logits are needed (the full (T, V) logits cost as much as a layer)
-    out = model(input_ids=ids, position_ids=torch.arange(len(prompt), device=device)[None], use_cache=True,
-                logits_to_keep=1)
-    cache, logits = output_cache(out), out.logits[:, -1, :]
+    logits, cache = prefill(model, prompt)
     if num_samples > 1:
         if hasattr(cache, "batch_repeat_interleave"):  # DynamicCache and subclasses: copy rows, no recompute
             cache.batch_repeat_interleave(num_samples)
             logits = logits.expand(num_samples, -1)
         else:
+            ids = torch.tensor([prompt], dtype=torch.long, device=device)
             out = model(input_ids=ids.expand(num_samples, -1), use_cache=True, logits_to_keep=1,
                         position_ids=torch.arange(len(prompt), device=device)[None].expand(num_samples, -1))
             cache, logits = output_cache(out), out.logits[:, -1, :]
