@@ -31,7 +31,9 @@ MIN_CACHE_LEN = 256  # cache lengths are rounded up to powers of two from here: 
 
 _compiled = weakref.WeakKeyDictionary()  # model -> its compiled forward (one per model, recompiled per shape)
 # One compiled step at a time in a process: the app serves several chats from threads, and dynamo's stance (guard
-# skipping below) and its caches are process-wide; a CPU step uses every core anyway.
+# skipping below) and its caches are process-wide: another loop's first step under that stance fails ("Recompilation
+# triggered with skip_guard_eval_unsafe stance"; tests/generation/test_static_decode.py forces that race). A CPU step
+# uses every core anyway.
 _STEP_LOCK = threading.Lock()
 
 

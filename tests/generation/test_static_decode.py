@@ -120,3 +120,48 @@ def test_concurrent_compiled_loops_of_different_batch_sizes(model, monkeypatch):
     with ThreadPoolExecutor(2) as pool:
         jobs = [(rows, pool.submit(_tokens, model, rows, True)) for rows in (1, 3, 1, 3)]
         assert all(f.result() == want[rows] for rows, f in jobs)
+
+
+def test_a_first_step_waits_while_another_loop_skips_guards(model, monkeypatch):
+    """The step lock's reason, forced: loop A is held inside a later step (guard checks skipped, a process-wide
+    stance) while loop B of another batch size takes its first step. Without the lock B's first step runs under A's
+    stance and fails ("Recompilation triggered with skip_guard_eval_unsafe stance"); with it B waits for A."""
+    import threading
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend=_CountingBackend(), dynamic=False)
+    a_inside, b_done = threading.Event(), threading.Event()
+
+    a_steps = []
+
+    def step(**kw):
+        if kw["input_ids"].shape[0] == 1:
+            a_steps.append(1)
+            if len(a_steps) == 2:  # A's second step: the first one that skips the guard checks
+                a_inside.set()  # give B time to start its first step meanwhile
+                b_done.wait(timeout=2)
+        return compiled(**kw)
+
+    monkeypatch.setattr(static_decode, "compiled_forward", lambda m: step)
+    want_b = _tokens(model, 2, compile=False, n=4)
+    results = {}
+
+    def loop_a():
+        results["a"] = _tokens(model, 1, compile=True, n=6)
+
+    def loop_b():
+        a_inside.wait(timeout=5)
+        try:
+            results["b"] = _tokens(model, 2, compile=True, n=4)
+        except Exception as e:  # unlocked: A's graph on B's inputs
+            results["b"] = repr(e)
+        b_done.set()
+
+    threads = [threading.Thread(target=loop_a), threading.Thread(target=loop_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert a_inside.is_set()  # the race really happened
+    assert results["b"] == want_b
+    assert results["a"] == _tokens(model, 1, compile=False, n=6)
