@@ -324,8 +324,8 @@ def _main(argv=None) -> int:
         if state.is_main_process:
             print(format_table(out))
             if run.output:
-                out["settings"] = {k: v for k, v in vars(args).items() if k not in ("output", "also", "runs")}
-                out["settings"].update({k: v for k, v in vars(run).items() if k not in ("output", "also", "runs")})
+                settings = {**vars(args), **vars(run)}  # the model's flags, then this set's
+                out["settings"] = {k: v for k, v in settings.items() if k not in ("output", "also", "runs")}
                 out["world_size"] = rank_world()[1]
                 if "humaneval" in tasks:
                     from .sandbox import capabilities

@@ -27,6 +27,8 @@
 #                      students' depth (DEPTH/2), the pruned model's healing steps (60); it writes
 #                      RUN_DIR/compression/compression.{md,png}
 #   PRETRAIN_ARGS SFT_ARGS RL_ARGS BASE_EVAL_ARGS CHAT_EVAL_ARGS   extra flags for that stage's recipe
+#                      (tiny: one evaluation.chat process scores three task sets, each --also set setting its own
+#                      --task/--data/--max-new-tokens/--output; other CHAT_EVAL_ARGS flags, e.g. --limit, reach all)
 #   STUDENT_ARGS DISTILL_ARGS COMPRESS_ARGS   the lab's: both students' pretraining (same tokens and steps), the
 #                      distillation only (--kd-temperature, --kd-alpha), recipes/compress.py
 #   SHARED_DATA        real-format samples (CORE bundle sample, GSM8K rows) scored offline (default ../shared/data)
