@@ -15,15 +15,26 @@ turns task by task (ABBA order across rounds), so drift in a shared machine's lo
 its best round; examples_per_s = examples / the sum over tasks; "ratio" = ours / nanochat in examples/s. On a CPU
 shared with other jobs, pass --threads 1 (see its help).
 
+--whole-process (needs --nanochat-dir and one of our NanoChat checkpoints): also times the two evaluators as a user runs
+them, each a fresh process on the whole bundle: `python -m evaluation.core --model DIR --bundle B` against nanochat's
+`python -m scripts.base_eval --eval core --model-tag bench` (run from the checkout, NANOCHAT_BASE_DIR pointing at a
+temporary base dir that holds the converted checkpoint, its tokenizer and the bundle, NANOCHAT_DTYPE=float32). Start-up,
+imports, model loading and data reading count; the processes take turns (ABBA) for --rounds rounds, the JSON's
+"whole_process" has the median seconds of each, their ratio, and whether the per-task accuracies read back from the
+two processes' outputs agree. --threads reaches both processes as OMP_NUM_THREADS.
+
 Without --model: --random-depth/--random-dim build a seeded random NanoChat (vocab of the fixture tokenizer), else the
 tiny committed fixture tests/fixtures/nanochat_current is converted. fp32 on CPU; on CUDA both run in fp32 too.
 """
 
 import argparse
 import contextlib
+import csv
 import json
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,6 +103,51 @@ class NanochatSide:
         return self.evaluate_task(self.model, self.tokenizer, [r.data for r in rows], self.device, meta)
 
 
+def whole_process(args, model_dir: str, bundle: str, tmp: str) -> dict:
+    """Both evaluators as fresh processes on the whole bundle, ABBA over --rounds rounds: median wall seconds."""
+    from modeling_nanochat.checkpoints.convert import to_nanochat
+
+    base = os.path.join(tmp, "nanochat_base")  # nanochat's layout: base_checkpoints/<tag>, tokenizer/, eval_bundle
+    ckpt = to_nanochat(model_dir, os.path.join(base, "base_checkpoints", "bench"), overwrite=True)
+    os.makedirs(os.path.join(base, "tokenizer"), exist_ok=True)
+    for name in ("tokenizer.pkl", "token_bytes.pt"):  # (token_bytes only feeds nanochat's bpb, not CORE)
+        if os.path.exists(os.path.join(ckpt, name)):
+            os.replace(os.path.join(ckpt, name), os.path.join(base, "tokenizer", name))
+    os.symlink(os.path.abspath(bundle), os.path.join(base, "eval_bundle"))
+    env = dict(os.environ, NANOCHAT_BASE_DIR=base, NANOCHAT_DTYPE="float32")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    device = "cuda" if str(args.device).startswith("cuda") else "cpu"
+    ours_json = os.path.join(tmp, "ours_core.json")
+    extra = ["--max-per-task", str(args.max_per_task)] if args.max_per_task > 0 else []
+    commands = {
+        "ours": ([sys.executable, "-m", "evaluation.core", "--model", model_dir, "--bundle", bundle, "--device",
+                  args.device, "--batch-size", str(args.batch_size), "--output", ours_json, "--no-progress", *extra],
+                 str(REPO)),
+        "nanochat": ([sys.executable, "-m", "scripts.base_eval", "--eval", "core", "--model-tag", "bench",
+                      "--device-type", device, *extra], os.path.abspath(os.path.expanduser(args.nanochat_dir))),
+    }
+    seconds = {name: [] for name in commands}
+    for r in range(args.rounds):
+        for name in (list(commands) if r % 2 == 0 else list(commands)[::-1]):
+            cmd, cwd = commands[name]
+            t = time.perf_counter()
+            done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+            seconds[name].append(time.perf_counter() - t)
+            if done.returncode:
+                raise SystemExit(f"{name}'s evaluator failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            log(f"whole process, round {r + 1}: {name} {seconds[name][-1]:.2f}s")
+    ours_acc = {k: v["accuracy"] for k, v in json.load(open(ours_json))["results"].items()}
+    (nano_csv,) = [os.path.join(base, "base_eval", f) for f in os.listdir(os.path.join(base, "base_eval"))]
+    with open(nano_csv) as f:
+        rows = [row for row in csv.reader(f) if row]
+    nano_acc = {row[0].strip(): float(row[1]) for row in rows[1:] if row[0].strip() in ours_acc}
+    med = {name: statistics.median(v) for name, v in seconds.items()}
+    return {"seconds_median": med, "seconds_all": seconds, "ratio": med["nanochat"] / med["ours"],
+            "same_accuracy": set(nano_acc) == set(ours_acc)
+            and all(abs(nano_acc[t] - ours_acc[t]) < 1e-4 for t in ours_acc)}
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -110,10 +166,14 @@ def main(argv=None):
     p.add_argument("--max-batch-tokens", type=int, default=None, help="default: evaluate_core's (2048 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--whole-process", action="store_true",
+                   help="also time both evaluators as fresh processes on the whole bundle (see above)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). On a shared machine use 1: with more threads than free "
                         "cores, OpenMP's spinning slows small per-example forwards (nanochat's) by 10x and more")
     args = p.parse_args(argv)
+    if args.whole_process and (not args.nanochat_dir or args.tasks):
+        p.error("--whole-process needs --nanochat-dir and runs the whole bundle (no --tasks)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -172,6 +232,11 @@ def main(argv=None):
                                   "runs_on": nano.kind}
             result["ratio"] = seconds["nanochat"] / seconds["ours"]
             result["same_accuracy"] = all(abs(acc["ours"][t] - acc["nanochat"][t]) < 1e-6 for t in acc["ours"])
+        if args.whole_process:
+            if nano.kind != "nanochat GPT":
+                raise SystemExit("--whole-process needs one of our NanoChat checkpoints (nanochat's base_eval loads "
+                                 "only its own GPT)")
+            result["whole_process"] = whole_process(args, model_dir, bundle, tmp)
     print(json.dumps(result))
 
 
