@@ -199,6 +199,9 @@ def main(argv=None):
         if args.nanochat_dir:
             nano = NanochatSide(args.nanochat_dir, model_dir, model, tokenizer, args.device, tmp)
             sides["nanochat"] = nano.accuracy
+            if args.whole_process and nano.kind != "nanochat GPT":  # before any timing: fail in seconds
+                raise SystemExit("--whole-process needs one of our NanoChat checkpoints (nanochat's base_eval loads "
+                                 "only its own GPT)")
         # per task, the sides take turns (ABBA over rounds): load drift on a shared machine hits both alike
         best = {name: {spec.label: float("inf") for spec, _ in data} for name in sides}
         acc = {name: {} for name in sides}
@@ -233,9 +236,6 @@ def main(argv=None):
             result["ratio"] = seconds["nanochat"] / seconds["ours"]
             result["same_accuracy"] = all(abs(acc["ours"][t] - acc["nanochat"][t]) < 1e-6 for t in acc["ours"])
         if args.whole_process:
-            if nano.kind != "nanochat GPT":
-                raise SystemExit("--whole-process needs one of our NanoChat checkpoints (nanochat's base_eval loads "
-                                 "only its own GPT)")
             result["whole_process"] = whole_process(args, model_dir, bundle, tmp)
     print(json.dumps(result))
 
