@@ -89,6 +89,7 @@ class NanochatSide:
 
             from bench.nanochat_runtime import nanochat_gpt
             model = nanochat_gpt(model_dir, device, tmp)  # converted into <tmp>/nanochat, tokenizer.pkl included
+            self.converted = os.path.join(tmp, "nanochat")
             tokenizer = RustBPETokenizer.from_directory(os.path.join(tmp, "nanochat"))
             self.model, self.tokenizer, self.kind = model, tokenizer, "nanochat GPT"
         else:
@@ -103,16 +104,16 @@ class NanochatSide:
         return self.evaluate_task(self.model, self.tokenizer, [r.data for r in rows], self.device, meta)
 
 
-def whole_process(args, model_dir: str, bundle: str, tmp: str) -> dict:
-    """Both evaluators as fresh processes on the whole bundle, ABBA over --rounds rounds: median wall seconds."""
-    from modeling_nanochat.checkpoints.convert import to_nanochat
-
+def whole_process(args, model_dir: str, converted: str, bundle: str, tmp: str) -> dict:
+    """Both evaluators as fresh processes on the whole bundle, ABBA over --rounds rounds: median wall seconds.
+    `converted`: the nanochat checkpoint (and tokenizer.pkl) NanochatSide already wrote for the same weights."""
     base = os.path.join(tmp, "nanochat_base")  # nanochat's layout: base_checkpoints/<tag>, tokenizer/, eval_bundle
-    ckpt = to_nanochat(model_dir, os.path.join(base, "base_checkpoints", "bench"), overwrite=True)
-    os.makedirs(os.path.join(base, "tokenizer"), exist_ok=True)
-    for name in ("tokenizer.pkl", "token_bytes.pt"):  # (token_bytes only feeds nanochat's bpb, not CORE)
-        if os.path.exists(os.path.join(ckpt, name)):
-            os.replace(os.path.join(ckpt, name), os.path.join(base, "tokenizer", name))
+    os.makedirs(os.path.join(base, "base_checkpoints"))
+    os.makedirs(os.path.join(base, "tokenizer"))
+    os.symlink(converted, os.path.join(base, "base_checkpoints", "bench"))
+    for name in ("tokenizer.pkl", "token_bytes.pt"):  # nanochat's base_eval loads both
+        if os.path.exists(os.path.join(converted, name)):
+            os.symlink(os.path.join(converted, name), os.path.join(base, "tokenizer", name))
     os.symlink(os.path.abspath(bundle), os.path.join(base, "eval_bundle"))
     env = dict(os.environ, NANOCHAT_BASE_DIR=base, NANOCHAT_DTYPE="float32")
     if args.threads:
@@ -236,7 +237,7 @@ def main(argv=None):
             result["ratio"] = seconds["nanochat"] / seconds["ours"]
             result["same_accuracy"] = all(abs(acc["ours"][t] - acc["nanochat"][t]) < 1e-6 for t in acc["ours"])
         if args.whole_process:
-            result["whole_process"] = whole_process(args, model_dir, bundle, tmp)
+            result["whole_process"] = whole_process(args, model_dir, nano.converted, bundle, tmp)
     print(json.dumps(result))
 
 
