@@ -195,10 +195,12 @@ class NanoChatAttention(nn.Module):
             gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(hidden_states[..., : self.ve_gate_channels]))
             v = v + gate.transpose(1, 2).unsqueeze(-1) * value_embed.view(shape).transpose(1, 2)
         cos, sin = position_embeddings
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)  # QK-norm after RoPE (nanochat's order)
+        # q and k take the same rotary, QK-norm (after RoPE: nanochat's order) and scale, all per head vector: one
+        # pass over both, joined along the heads, is the same arithmetic in half the ops (decode is op-bound)
+        qk = rms_norm(apply_rotary(torch.cat([q, k], dim=1), cos, sin), self.eps)
         if self.qk_norm_scale != 1.0:  # sharper attention, split between q and k
-            q, k = q * self.qk_norm_scale, k * self.qk_norm_scale
+            qk = qk * self.qk_norm_scale
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         kwargs.pop("output_attentions", None)
@@ -724,11 +726,13 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
         layer_types, backout_layer = self.config.layer_types, self.config.backout_layer  # read once per forward
         all_hidden = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
+        if self.resid_lambdas is not None:  # one cast and split per forward, not an index and a cast per layer
+            resid, mix = self.resid_lambdas.to(x.dtype).unbind(0), self.x0_lambdas.to(x.dtype).unbind(0)
         for i, layer in enumerate(self.layers):
             if all_hidden is not None:
                 all_hidden += (x,)
             if self.resid_lambdas is not None:  # applied before every block, including the first
-                x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+                x = resid[i] * x + mix[i] * x0
             ve = self.value_embeds[str(i)](input_ids).to(x.dtype) if str(i) in self.value_embeds else None
             x, attn_weights = layer(x, masks[layer_types[i]], position_embeddings, cache,
                                     value_embed=ve, position_ids=position_ids, **kwargs)
@@ -741,9 +745,19 @@ class NanoChatHFModel(NanoChatPreTrainedModel):
         x = rms_norm(x, self.config.rms_norm_eps)
         if all_hidden is not None:
             all_hidden += (x,)
-        out = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=all_hidden, attentions=all_attentions,
-                                      **{_OUTPUT_CACHE_FIELD: cache if use_cache else None})
-        return out if return_dict is not False else out.to_tuple()
+        if return_dict is False:  # what ModelOutput.to_tuple() gives, without building the output object first
+            return _tuple(x, cache if use_cache else None, all_hidden, all_attentions)
+        return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=all_hidden, attentions=all_attentions,
+                                       **{_OUTPUT_CACHE_FIELD: cache if use_cache else None})
+
+
+def _flag(value, default):
+    return default if value is None else value
+
+
+def _tuple(*fields):
+    """A model output as a tuple: its fields in order, the None ones left out (``ModelOutput.to_tuple``)."""
+    return tuple(f for f in fields if f is not None)
 
 
 def _window_masks(config, x):
@@ -853,10 +867,19 @@ class NanoChatHFForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, return_dict=None, cache=None,
                 **kwargs):
+        # the base model answers in a tuple unless hidden states or attentions are asked for: building two output
+        # objects per decode step is a measurable share of a small model's step (see `return_dict` below)
+        extras = _flag(kwargs.get("output_hidden_states"), self.config.output_hidden_states) or \
+            _flag(kwargs.get("output_attentions"), getattr(self.config, "output_attentions", False))
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=_one_cache(past_key_values, cache), inputs_embeds=inputs_embeds,
-                             use_cache=use_cache, return_dict=True, **kwargs)
-        hidden = outputs.last_hidden_state
+                             use_cache=use_cache, return_dict=bool(extras), **kwargs)
+        if extras:
+            hidden, out_cache = outputs.last_hidden_state, getattr(outputs, _OUTPUT_CACHE_FIELD)
+            hidden_states, attentions = outputs.hidden_states, outputs.attentions
+        else:  # (hidden,) or (hidden, cache)
+            hidden, out_cache, hidden_states, attentions = outputs[0], outputs[1] if len(outputs) > 1 else None, \
+                None, None
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])[..., : self.config.vocab_size]  # drop vocab padding
         logits = logits.float()  # nanochat: fp32 before the softcap and the loss
@@ -866,10 +889,10 @@ class NanoChatHFForCausalLM(NanoChatPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None or kwargs.get("shift_labels") is not None:  # shift_labels: targets already shifted
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                     attentions=outputs.attentions,
-                                     **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)})
-        return out if return_dict is not False else out.to_tuple()
+        if return_dict is False:  # loops that feed the cache back by hand (generation/tool_use.py) ask for this
+            return _tuple(loss, logits, out_cache, hidden_states, attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions,
+                                      **{_OUTPUT_CACHE_FIELD: out_cache})
 
 
 def _stop_ids(*ids):

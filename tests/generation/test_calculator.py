@@ -56,15 +56,21 @@ def _refuse_all_quickly():
     return slowest
 
 
+# Refused by the grammar, not by running into the deadline (use_calculator's default timeout, 3 s): every attack
+# must come back in well under it. Half the deadline, not less: each is refused within ~10 ms on a quiet machine,
+# yet a run of tests/model + tests/generation once measured over 0.5 s for one of them (a pause outside the code).
+REFUSED_WITHIN = 1.5
+
+
 def test_injections_refused_quickly():
-    assert _refuse_all_quickly() < 0.5
+    assert _refuse_all_quickly() < REFUSED_WITHIN
 
 
 def test_injections_refused_quickly_in_worker_thread():
     # Gradio and data loaders call tools from worker threads, where SIGALRM cannot be used
     with ThreadPoolExecutor(2) as pool:
         slowest = [f.result(timeout=30) for f in [pool.submit(_refuse_all_quickly) for _ in range(2)]]
-    assert max(slowest) < 0.5
+    assert max(slowest) < REFUSED_WITHIN
 
 
 def test_deadline_is_enforced_in_worker_thread():
