@@ -43,6 +43,10 @@ class NanoChatRLArguments:
     matrix_lr: float = field(default=0.02, metadata={"help": "Muon LR of the block matrices"})
     scalar_lr: float = field(default=0.5, metadata={"help": "AdamW LR of the residual scalars"})
     calculator: bool = field(default=True, metadata={"help": "run the calculator tool during sampling"})
+    rollout_rows: int | None = field(default=None, metadata={
+        "help": "rows per sampling pass, questions mixed in a pass (left-padded prompts): fewer, fuller forwards; "
+                "every row holds a KV cache, so memory grows with it. Default (null): nanochat's passes, one "
+                "question's samples at a time, per_device_train_batch_size rows each"})
     shard_optimizer: bool = field(default=False, metadata={
         "help": "nanochat's sharded MuonAdamW (ZeRO-2 style state) instead of DDP's gradient all-reduce"})
     # GRPOConfig has no reward_funcs field (TRL keeps it on its CLI's GRPOScriptArguments), so this one does not
@@ -104,6 +108,7 @@ def main(rl_args, training_args, model_args):
     trainer = NanoChatGRPOTrainer(
         model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train, eval_dataset=eval_set,
         processing_class=tokenizer, calculator=use_calculator if rl_args.calculator else None,
+        rollout_rows=rl_args.rollout_rows,
         muon_setup=rl_muon_setup(init_lr_frac=rl_args.init_lr_frac, unembedding_lr=rl_args.unembedding_lr,
                                  embedding_lr=rl_args.embedding_lr, matrix_lr=rl_args.matrix_lr,
                                  scalar_lr=rl_args.scalar_lr, weight_decay=training_args.weight_decay,

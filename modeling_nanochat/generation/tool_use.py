@@ -3,13 +3,16 @@
 The loop is nanochat's Engine (§5.6, §8.1) on the standard HF API — ``model(input_ids=..., cache=...,
 use_cache=True, position_ids=...)`` returning ``.logits`` and the cache (named ``past_key_values`` before
 transformers 5.25: ``hf_cache`` picks the name) — so it runs our NanoChatForCausalLM and any other transformers
-model. The prompt is prefilled once and the cache repeated for ``num_samples`` rows. Each step yields a column of
+model. The prompt is prefilled once and the cache repeated for ``num_samples`` rows; several different prompts
+(GRPO rollouts of many questions in one pass) are prefilled together, left-padded, and decoded with an attention
+mask and per-row positions. Each step yields a column of
 tokens, one per row, and a mask column: 1 = sampled by the model, 0 = forced by the tool. When a row closes
 ``<|python_start|> expr <|python_end|>``, the calculator's result is forced into that row as
 ``<|output_start|> result <|output_end|>`` (mask 0, so losses and RL can leave it out).
 A row is finished once it emits ``<|assistant_end|>`` or ``<|bos|>``; like nanochat, finished rows keep being fed
 (their tokens are ignored by ``generate_batch``) and the loop stops when all rows are finished or after
-``max_tokens`` steps.
+``max_tokens`` steps. With several prompts, finished rows leave the forwards once a quarter of the rows still decoded
+has finished (their cache rows are dropped; their column entries repeat the stop token, mask 0).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class _Row:
         self.forced: deque[int] = deque()
         self.expr: list[int] | None = None  # not None while inside <|python_start|> ... <|python_end|>
         self.done = False
+        self.stop: int | None = None  # the token that finished the row
 
 
 class _Specials:
@@ -54,6 +58,37 @@ class _Specials:
         self.python_start, self.python_end = get("python_start"), get("python_end")
         self.output_start, self.output_end = get("output_start"), get("output_end")
         self.stops = {get("assistant_end"), get("bos")}
+
+
+def _prefill_padded(model, prompts: list[list[int]], device):
+    """One forward of several prompts, left-padded: each row's last position is its last token (the one the next
+    step's smear reads from the cache). Returns (last logits (rows, V), cache, attention mask (rows, width))."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), prompts[0][0], dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    logits, cache = tuple_logits_cache(model(
+        input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, logits_to_keep=1,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), return_dict=False))
+    return logits[:, -1, :], cache, mask.to(device)
+
+
+def _prefill_many(model, prompts: list[list[int]], device):
+    """Rows continuing different prompts: the distinct prompts run once and their cache rows are copied to every row
+    of the same prompt. Returns (last logits (rows, V), cache, attention mask over the cached positions)."""
+    distinct: dict[tuple, int] = {}
+    row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    logits, cache, mask = _prefill_padded(model, [list(p) for p in distinct], device)
+    if len(distinct) < len(prompts):
+        if hasattr(cache, "batch_select_indices"):  # DynamicCache and subclasses: copy rows, no recompute
+            index = torch.tensor(row_of, device=device)
+            cache.batch_select_indices(index)
+            logits, mask = logits[index], mask[index]
+        else:  # a cache class without row selection: every row runs its prompt
+            logits, cache, mask = _prefill_padded(model, prompts, device)
+    return logits, cache, mask
 
 
 def _prefill(model, prompt: list[int], num_samples: int, device):
@@ -73,39 +108,59 @@ def _prefill(model, prompt: list[int], num_samples: int, device):
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompt: list[int], num_samples: int = 1, max_tokens: int | None = None,
-             temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
+def generate(model, tokenizer, prompt: list[int] | list[list[int]], num_samples: int = 1,
+             max_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
              calculator: Callable[[str], object] | None = use_calculator,
              compile: bool | None = None) -> Iterator[tuple[list[int], list[int]]]:
     """Yield ``(token_column, mask_column)`` per step for ``num_samples`` rows continuing ``prompt`` (token ids,
-    e.g. from chat_format.render_prompt). ``calculator=None`` disables tool use. ``compile``: decode through a
-    static cache and a compiled step (``generation.static_decode``; None: the NANOCHAT_COMPILE switch); same
-    tokens, faster per step once compiled."""
-    if not prompt or not all(isinstance(t, int) for t in prompt):
-        raise ValueError("prompt must be a non-empty list of token ids (render it with chat_format first)")
+    e.g. from chat_format.render_prompt). ``prompt`` may also be a list of prompts: ``num_samples`` rows for each,
+    consecutive, in one batch (left-padded, with an attention mask). ``calculator=None`` disables tool use.
+    ``compile``: decode through a static cache and a compiled step (``generation.static_decode``; None: the
+    NANOCHAT_COMPILE switch; one prompt only, several decode eagerly); same tokens, faster per step once compiled."""
+    prompts = [list(p) for p in prompt] if prompt and isinstance(prompt[0], (list, tuple)) else [prompt]
+    if not all(p and all(isinstance(t, int) for t in p) for p in prompts):
+        raise ValueError("prompt must be a non-empty list of token ids, or a list of them (render each with "
+                         "chat_format first)")
+    prompt = prompts[0]
+    rows_total = num_samples * len(prompts)
     if max_tokens is None:
-        max_tokens = getattr(model.config, "max_position_embeddings", 2048) - len(prompt)
+        max_tokens = getattr(model.config, "max_position_embeddings", 2048) - max(len(p) for p in prompts)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     sp = _Specials(tokenizer)
     vocab = len(tokenizer)  # models may pad their output layer; never sample an id the tokenizer lacks
 
-    static = None
-    if compile_enabled(compile) and can_compile(model):
+    static = attention = None
+    if len(prompts) > 1:  # per-row positions and a padding mask that grows by a column per step
+        row_prompts = [p for p in prompts for _ in range(num_samples)]
+        logits, cache, attention = _prefill_many(model, row_prompts, device)
+        positions = torch.tensor([len(p) for p in row_prompts], device=device)[:, None]
+        (cache_name,) = cache_kwargs(model, None)
+    elif compile_enabled(compile) and can_compile(model):
         static = StaticDecoder(model, prompt, num_samples, max_tokens)
         logits = static.first_logits
     else:
         logits, cache = _prefill(model, prompt, num_samples, device)
         (cache_name,) = cache_kwargs(model, None)  # the forward's name for the cache, looked up once
-    rows = [_Row() for _ in range(num_samples)]
+    rows = [_Row() for _ in range(rows_total)]
     markers = sp.stops | {sp.python_start, sp.python_end}  # the tokens that change a row's tool state
     position = len(prompt)
+    live = None  # several prompts: the rows still decoded, once finished ones were dropped (None: every row)
     for _ in range(max_tokens):
         if all(r.done for r in rows):
             break
         sampled = sample_next_token(logits[:, :vocab].float(), generator, temperature, top_k)[:, 0].tolist()
+        if live is not None:
+            full = [None] * rows_total
+            for k, r in enumerate(live):
+                full[r] = sampled[k]
+            sampled = full
         column, masks = [], []
         for row, token in zip(rows, sampled):
+            if token is None:  # dropped once finished: its stop token again (a finished row's tokens are ignored)
+                column.append(row.stop)
+                masks.append(0)
+                continue
             if row.forced:
                 token = row.forced.popleft()
                 masks.append(0)
@@ -121,9 +176,27 @@ def generate(model, tokenizer, prompt: list[int], num_samples: int = 1, max_toke
             logits = static.step(torch.tensor(column, device=device)[:, None], position)
             position += 1
             continue
+        ids = column
+        if attention is None:
+            step = {"position_ids": torch.full((rows_total, 1), position, device=device)}
+        else:
+            current = live if live is not None else range(rows_total)
+            keep = [k for k, r in enumerate(current) if not rows[r].done]
+            if keep and len(keep) <= 3 * len(current) // 4 and hasattr(cache, "batch_select_indices"):
+                # a quarter of the decoded rows finished: copy the others' cache rows rather than keep feeding
+                # finished rows until the longest row of the whole batch ends (rollout batches mix questions)
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                attention, positions = attention[index], positions[index]
+                live = [current[k] for k in keep]
+            if live is not None:
+                ids = [column[r] for r in live]
+            attention = torch.cat([attention, attention.new_ones(len(ids), 1)], dim=1)
+            step = {"position_ids": positions, "attention_mask": attention}
+            positions = positions + 1
         logits, cache = tuple_logits_cache(model(
-            input_ids=torch.tensor(column, device=device)[:, None], use_cache=True, return_dict=False,
-            position_ids=torch.full((num_samples, 1), position, device=device), **{cache_name: cache}))
+            input_ids=torch.tensor(ids, device=device)[:, None], use_cache=True, return_dict=False,
+            **step, **{cache_name: cache}))
         logits = logits[:, -1, :]
         position += 1
 
@@ -131,7 +204,7 @@ def generate(model, tokenizer, prompt: list[int], num_samples: int = 1, max_toke
 def _advance(row: _Row, token: int, sp: _Specials, tokenizer, calculator) -> None:
     """Update one row's tool state after ``token``; queue the calculator's answer when a python call closes."""
     if token in sp.stops:
-        row.done = True
+        row.done, row.stop = True, token
     if token == sp.python_start:
         row.expr = []
     elif token == sp.python_end and row.expr is not None:

@@ -10,6 +10,10 @@ other key goes to the reward functions, except ``env_mask``, which the trainer m
   ``per_device_train_batch_size`` rows (nanochat's ``--device-batch-size``), each pass one ``tool_use.generate``
   call: prompt prefilled once, KV cache repeated, ``temperature``/``top_k`` sampling, the calculator's result forced
   as ``<|output_start|> result <|output_end|>`` after every ``<|python_start|> expr <|python_end|>``;
+  with ``rows_per_pass`` set, the call's rows go in passes of that many rows instead, questions mixed (prompts
+  left-padded, as TRL's own generation batches them): fewer, fuller forwards (8 questions x 8 samples in one pass of
+  64 rows sample ~1.7x faster than 8 passes of 8 on the tiny speedrun's model, 2 CPU cores), from another random
+  stream;
 * ``env_mask`` is 1 on sampled tokens and 0 on forced tool-output tokens, so they are left out of the loss, as
   nanochat masks them (its Engine's mask 0 becomes target -1);
 * a row that stopped keeps its stop token (``<|assistant_end|>`` or ``<|bos|>``) at the end of ``completion_ids``, so
@@ -51,16 +55,17 @@ def pass_seed(*parts) -> int:
 
 
 @torch.no_grad()
-def sample_pass(model, tokenizer, prompt_ids: list[int], num_samples: int, *, max_tokens: int, temperature: float,
-                top_k: int | None, seed: int, calculator) -> tuple[list[list[int]], list[list[int]]]:
-    """One sampling pass of ``num_samples`` rows. Returns (completion ids, loss mask) per row: generated tokens with the
-    stop token kept when the row stopped; mask 1 = sampled, 0 = forced by the tool or the stop token."""
+def sample_pass(model, tokenizer, prompt_ids: list[int] | list[list[int]], num_samples: int, *, max_tokens: int,
+                temperature: float, top_k: int | None, seed: int, calculator) -> tuple[list[list[int]], list[list[int]]]:
+    """One sampling pass of ``num_samples`` rows per prompt (one prompt, or a list: ``tool_use.generate``). Returns
+    (completion ids, loss mask) per row: generated tokens with the stop token kept when the row stopped; mask 1 =
+    sampled, 0 = forced by the tool or the stop token."""
     stops = {special_token_id(tokenizer, "<|assistant_end|>"), special_token_id(tokenizer, "<|bos|>")}
-    ids = [[] for _ in range(num_samples)]
-    masks = [[] for _ in range(num_samples)]
-    done = [False] * num_samples
+    ids = masks = done = None
     for column, mask_column in generate(model, tokenizer, prompt_ids, num_samples, max_tokens=max_tokens,
                                         temperature=temperature, top_k=top_k, seed=seed, calculator=calculator):
+        if ids is None:  # one row per column entry: num_samples for each prompt given
+            ids, masks, done = [[] for _ in column], [[] for _ in column], [False] * len(column)
         for i, (token, m) in enumerate(zip(column, mask_column)):
             if done[i]:
                 continue  # finished rows keep being fed by generate(); their tokens are not part of the sample
@@ -87,6 +92,8 @@ class ToolRollout:
 
     Args:
         calculator: the tool, ``str -> result | None`` (default: nanochat's calculator); ``None`` samples without tools.
+        rows_per_pass: None (default): nanochat's passes, one question each. A number: all of the call's rows in
+            passes of that many, questions mixed (memory grows with it: every row holds a KV cache).
 
     Sampling settings come from the trainer's config at every call: ``max_completion_length``, ``temperature``,
     ``top_k`` (0 = full softmax), ``per_device_train_batch_size`` / ``per_device_eval_batch_size`` (rows per pass),
@@ -94,8 +101,10 @@ class ToolRollout:
     sampler and raise when set.
     """
 
-    def __init__(self, calculator: Callable[[str], object] | None = use_calculator):
-        self.calculator = calculator
+    def __init__(self, calculator: Callable[[str], object] | None = use_calculator, rows_per_pass: int | None = None):
+        if rows_per_pass is not None and rows_per_pass < 1:
+            raise ValueError(f"rows_per_pass must be a positive number of rows or None, got {rows_per_pass}")
+        self.calculator, self.rows_per_pass = calculator, rows_per_pass
 
     def __call__(self, prompts: list, trainer) -> dict:
         from trl.models import unwrap_model_for_generation  # trl is an optional dependency (train extra)
@@ -111,7 +120,6 @@ class ToolRollout:
 
         prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
         completion_ids, env_mask = [], []
-        seen: dict[tuple, int] = {}
         # sample at the precision the loss's forward runs at (bf16 autocast on GPU), so rollouts are on-policy
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
                                          gather_deepspeed3_params=args.ds3_gather_for_generation,
@@ -119,17 +127,12 @@ class ToolRollout:
                 trainer.accelerator.autocast():
             model.eval()  # nanochat samples in eval mode
             try:
-                for start, count in _runs(prompt_ids):
-                    ids = prompt_ids[start]
-                    occurrence = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
-                    for pass_idx, first in enumerate(range(0, count, rows_per_pass)):
-                        seed = pass_seed(args.seed, step, mode, ids, pass_idx, occurrence)
-                        got_ids, got_masks = sample_pass(
-                            model, tokenizer, ids, min(rows_per_pass, count - first),
-                            max_tokens=args.max_completion_length, temperature=args.temperature, top_k=top_k,
-                            seed=seed, calculator=self.calculator)
-                        completion_ids += got_ids
-                        env_mask += got_masks
+                for prompt, n, seed in self._passes(prompt_ids, rows_per_pass, (args.seed, step, mode)):
+                    got_ids, got_masks = sample_pass(
+                        model, tokenizer, prompt, n, max_tokens=args.max_completion_length,
+                        temperature=args.temperature, top_k=top_k, seed=seed, calculator=self.calculator)
+                    completion_ids += got_ids
+                    env_mask += got_masks
             finally:
                 model.train(training)
 
@@ -138,6 +141,20 @@ class ToolRollout:
                                        skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None,
                 "env_mask": env_mask, "completion_text": texts}
+
+    def _passes(self, prompt_ids: list[list[int]], rows_per_pass: int, seed_base: tuple):
+        """(prompt or list of prompts, rows per prompt, seed) of each sampling pass, in the order of the rows."""
+        if self.rows_per_pass is not None:  # the rows as they come, questions mixed
+            for first in range(0, len(prompt_ids), self.rows_per_pass):
+                chunk = prompt_ids[first:first + self.rows_per_pass]
+                yield chunk, 1, pass_seed(*seed_base, "rows", first, chunk[0])
+            return
+        seen: dict[tuple, int] = {}
+        for start, count in _runs(prompt_ids):  # nanochat: a question's samples, rows_per_pass at a time
+            ids = prompt_ids[start]
+            occurrence = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
+            for pass_idx, first in enumerate(range(0, count, rows_per_pass)):
+                yield ids, min(rows_per_pass, count - first), pass_seed(*seed_base, ids, pass_idx, occurrence)
 
 
 def _check_sampling_args(args) -> None:

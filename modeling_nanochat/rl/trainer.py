@@ -63,13 +63,15 @@ class NanoChatGRPOTrainer(MuonAdamWTrainerMixin, GRPOTrainer):
 
     Args:
         calculator: tool for the default rollout (``None``: sample without tools); unused with a ``rollout_func``.
+        rollout_rows: rows per sampling pass of the default rollout, questions mixed (``ToolRollout(rows_per_pass=)``);
+            None: nanochat's passes, one question each.
         muon_setup: the optimizer (default ``rl_muon_setup()``; see optim.trainer_mixin). GRPOConfig's ``learning_rate``,
             ``weight_decay`` and ``optim`` are not used by it: every MuonAdamW group has its own LR and decay.
     """
 
     def __init__(self, *args, rollout_func=None, calculator=use_calculator, muon_setup: MuonAdamWSetup | None = None,
-                 **kwargs):
-        super().__init__(*args, rollout_func=rollout_func or ToolRollout(calculator),
+                 rollout_rows: int | None = None, **kwargs):
+        super().__init__(*args, rollout_func=rollout_func or ToolRollout(calculator, rows_per_pass=rollout_rows),
                          muon_setup=muon_setup or rl_muon_setup(), **kwargs)
         policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         _score_real_vocab_only(policy, self.temperature)

@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import FIXTURES
+from conftest import FIXTURES, perturbed_model, tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_nanochat import NanoChatConfig, NanoChatForCausalLM
@@ -117,3 +117,85 @@ def test_bad_prompt_and_temperature(tok):
         next(generate(model, tok, "hello"))
     with pytest.raises(ValueError, match="temperature"):
         next(generate(model, tok, _prompt(tok), temperature=-1))
+
+
+def _perturbed_llama(vocab):
+    torch.manual_seed(0)
+    model = _llama(vocab).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("build", [lambda vocab: perturbed_model(tiny_config(vocab_size=vocab)), _perturbed_llama],
+                         ids=["NanoChatForCausalLM", "LlamaForCausalLM"])
+def test_several_prompts_decode_as_each_alone(tok, build):
+    """Prompts of different lengths in one batch (left-padded, masked, per-row positions, the smear reading each
+    row's own last token): every row continues its prompt exactly as that prompt decodes alone."""
+    model = build(len(tok))
+    prompts = [_prompt(tok, "what is 2 + 3?"), _prompt(tok, "and how many apples are left if I eat seven of twelve?"),
+               _prompt(tok, "hi")]
+    assert len({len(p) for p in prompts}) == 3
+    together = list(generate(model, tok, prompts, num_samples=2, max_tokens=12, temperature=0.0, calculator=None))
+    assert all(len(column) == 6 for column, _ in together)  # num_samples rows per prompt, in prompt order
+    for k, prompt in enumerate(prompts):
+        alone = [c[0] for c, _ in generate(model, tok, prompt, max_tokens=12, temperature=0.0, calculator=None)]
+        for row in (2 * k, 2 * k + 1):
+            assert [c[row] for c, _ in together][:len(alone)] == alone
+
+
+def test_calculator_runs_per_row_in_a_mixed_batch(tok):
+    model, call = wired_model(_nanochat, tok, "2+3")
+    sid = tok.convert_tokens_to_ids
+    forced = [sid("<|output_start|>"), *encode_ordinary(tok, "5"), sid("<|output_end|>")]
+    prompts = [_prompt(tok, "what is 2 + 3?"), _prompt(tok, "a longer question, also about 2 + 3?")]
+    seqs = [[], [], []]
+    masks = [[], [], []]
+    for column, mask in generate(model, tok, prompts + [prompts[0]], max_tokens=30, temperature=0.0):
+        for row in range(3):
+            seqs[row].append(column[row])
+            masks[row].append(mask[row])
+    for row in range(3):
+        assert seqs[row] == call + forced + [sid("<|assistant_end|>")]
+        assert masks[row] == [1] * len(call) + [0] * len(forced) + [1]
+
+
+class _StopsAt:
+    """The fixture tokenizer, except that <|assistant_end|> is id `stop`: a token the test model really emits."""
+
+    def __init__(self, tok, stop):
+        self.tok, self.stop = tok, stop
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __len__(self):
+        return len(self.tok)
+
+    def convert_tokens_to_ids(self, token):
+        return self.stop if token == "<|assistant_end|>" else self.tok.convert_tokens_to_ids(token)
+
+    def convert_ids_to_tokens(self, i):
+        return "<|assistant_end|>" if i == self.stop else self.tok.convert_ids_to_tokens(i)
+
+
+def test_finished_rows_leave_a_mixed_batch(tok):
+    """Several prompts: rows that finished are dropped from the forwards (their cache rows left behind) once a quarter
+    of the batch has; the rows still running continue exactly as alone, the dropped ones repeat their stop token."""
+    model = perturbed_model(tiny_config(vocab_size=len(tok)))
+    a, b = _prompt(tok, "and how many apples are left if I eat seven of twelve?"), _prompt(tok, "hi")
+    first_b = next(generate(model, tok, b, max_tokens=1, temperature=0.0, calculator=None))[0][0]
+    stops = _StopsAt(tok, first_b)  # b's rows finish on their first token
+    alone = [c[0] for c, _ in generate(model, stops, a, max_tokens=12, temperature=0.0, calculator=None)]
+    assert len(alone) > 4 and first_b not in alone[:-1]
+    rows = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    steps = list(generate(model, stops, [a, b, b, a], max_tokens=12, temperature=0.0, calculator=None))
+    assert rows[0] == 2 and set(rows[1:]) == {2}  # two distinct prompts prefilled; b's rows never decoded again
+    for r in (0, 3):
+        assert [c[r] for c, _ in steps][:len(alone)] == alone
+    for r in (1, 2):
+        assert [c[r] for c, _ in steps] == [first_b] * len(steps)
+        assert [m[r] for _, m in steps] == [1] + [0] * (len(steps) - 1)

@@ -87,10 +87,11 @@ def _rigged(tok, expression="1+2"):
     return model
 
 
-def test_tool_call_is_answered_and_forced_tokens_get_no_loss(tmp_path, tok):
+@pytest.mark.parametrize("rollout_rows", [None, 8], ids=["nanochat-passes", "questions-mixed"])
+def test_tool_call_is_answered_and_forced_tokens_get_no_loss(tmp_path, tok, rollout_rows):
     """The calculator runs inside GRPO rollouts; its forced <|output_start|>3<|output_end|> (and the stop token) have
     zero weight in the loss the trainer differentiates; the advantage is r - mean(r) per question; no reference
-    model."""
+    model. Both ways of sampling: one question per pass (nanochat's) and both questions' 8 rows in one pass."""
     pattern = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]  # rewards by position: two questions x 4 samples
     seen_texts = []
 
@@ -99,7 +100,10 @@ def test_tool_call_is_answered_and_forced_tokens_get_no_loss(tmp_path, tok):
         return pattern[:len(completions)]
 
     trainer = NanoChatGRPOTrainer(model=_rigged(tok), reward_funcs=[positional_reward], args=_args(tmp_path),
-                                  train_dataset=_questions(2), processing_class=tok)
+                                  train_dataset=_questions(2), processing_class=tok, rollout_rows=rollout_rows)
+    passes = []
+    rollout_passes = trainer.rollout_func._passes
+    trainer.rollout_func._passes = lambda *a: [passes.append(p) or p for p in rollout_passes(*a)]
     assert trainer.beta == 0.0 and trainer.ref_model is None  # beta 0: no reference model is built
 
     captured = {}
@@ -120,6 +124,9 @@ def test_tool_call_is_answered_and_forced_tokens_get_no_loss(tmp_path, tok):
     assert ids.tolist() == [expected] * 8
     assert mask.tolist() == [[1] * len(sampled) + [0] * (len(forced) + 1)] * 8
     assert seen_texts == ["<|python_start|>1+2<|python_end|><|output_start|>3<|output_end|>"] * 8
+    # nanochat: a pass per question, its 4 samples from one prompt; mixed: one pass of the 8 rows, two prompts
+    assert [(len(prompt) if rollout_rows else 1, n) for prompt, n, _ in passes] == ([(8, 1)] if rollout_rows else
+                                                                                    [(1, 4), (1, 4)])
 
     rewards = torch.tensor(pattern).view(2, 4)
     expected_adv = (rewards - rewards.mean(1, keepdim=True)).flatten()  # no division by the (non-zero) std
