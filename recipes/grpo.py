@@ -87,6 +87,9 @@ def main(rl_args, training_args, model_args):
 
     if not model_args.model_name_or_path:
         raise NanochatError("set model_name_or_path to the SFT checkpoint directory (an HF model dir with its tokenizer)")
+    if rl_args.rollout_rows is not None and rl_args.rollout_rows < 1:
+        raise NanochatError(f"rollout_rows={rl_args.rollout_rows}: set a positive number of rows per sampling pass, "
+                            "or null for nanochat's passes (one question at a time)")
     if model_args.use_peft:
         raise NanochatError("use_peft is not supported by this recipe: MuonAdamW's groups are nanochat's full parameters")
     training_args = derive_accumulation(training_args, rl_args, world_size())

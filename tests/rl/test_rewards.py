@@ -143,3 +143,12 @@ def test_recipe_rejects_an_unknown_reward_before_loading_the_model(recipe, tmp_p
     parsed = recipe["make_parser"]().parse_args_and_config(args)
     with pytest.raises(ValueError, match="'gsm9k'"):  # not OSError from from_pretrained: nothing was loaded
         recipe["main"](*parsed)
+
+
+def test_recipe_rejects_a_non_positive_rollout_rows_before_loading_the_model(recipe, tmp_path):
+    args = ["--config", str(REPO / "recipes" / "grpo" / "tiny_cpu.yaml"), "--output_dir", str(tmp_path / "out"),
+            "--rollout_rows", "0", "--model_name_or_path", str(tmp_path / "no_model_here")]
+    parsed = recipe["make_parser"]().parse_args_and_config(args)
+    assert parsed[0].rollout_rows == 0
+    with pytest.raises(ValueError, match=r"rollout_rows=0: set a positive number"):
+        recipe["main"](*parsed)
