@@ -61,11 +61,11 @@ def sample_pass(model, tokenizer, prompt_ids: list[int] | list[list[int]], num_s
     (completion ids, loss mask) per row: generated tokens with the stop token kept when the row stopped; mask 1 =
     sampled, 0 = forced by the tool or the stop token."""
     stops = {special_token_id(tokenizer, "<|assistant_end|>"), special_token_id(tokenizer, "<|bos|>")}
-    ids = masks = done = None
+    several = bool(prompt_ids) and isinstance(prompt_ids[0], (list, tuple))
+    rows = num_samples * (len(prompt_ids) if several else 1)  # num_samples for each prompt given
+    ids, masks, done = [[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows
     for column, mask_column in generate(model, tokenizer, prompt_ids, num_samples, max_tokens=max_tokens,
                                         temperature=temperature, top_k=top_k, seed=seed, calculator=calculator):
-        if ids is None:  # one row per column entry: num_samples for each prompt given
-            ids, masks, done = [[] for _ in column], [[] for _ in column], [False] * len(column)
         for i, (token, m) in enumerate(zip(column, mask_column)):
             if done[i]:
                 continue  # finished rows keep being fed by generate(); their tokens are not part of the sample
