@@ -107,6 +107,11 @@ def _prefill(model, prompt: list[int], num_samples: int, device):
     return logits, cache
 
 
+def as_prompts(prompt: list[int] | list[list[int]]) -> list[list[int]]:
+    """``generate``'s ``prompt`` as a list of prompts: one prompt (token ids) or a list of them."""
+    return [list(p) for p in prompt] if prompt and isinstance(prompt[0], (list, tuple)) else [prompt]
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: list[int] | list[list[int]], num_samples: int = 1,
              max_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
@@ -117,7 +122,7 @@ def generate(model, tokenizer, prompt: list[int] | list[list[int]], num_samples:
     consecutive, in one batch (left-padded, with an attention mask). ``calculator=None`` disables tool use.
     ``compile``: decode through a static cache and a compiled step (``generation.static_decode``; None: the
     NANOCHAT_COMPILE switch; one prompt only, several decode eagerly); same tokens, faster per step once compiled."""
-    prompts = [list(p) for p in prompt] if prompt and isinstance(prompt[0], (list, tuple)) else [prompt]
+    prompts = as_prompts(prompt)
     if not all(p and all(isinstance(t, int) for t in p) for p in prompts):
         raise ValueError("prompt must be a non-empty list of token ids, or a list of them (render each with "
                          "chat_format first)")

@@ -38,7 +38,7 @@ import torch
 from modeling_nanochat.generation.calculator import use_calculator
 from modeling_nanochat.tokenizer.chat_format import render_prompt
 from modeling_nanochat.tokenizer.tokenizer import special_token_id
-from modeling_nanochat.generation.tool_use import generate
+from modeling_nanochat.generation.tool_use import as_prompts, generate
 
 
 def prompt_token_ids(tokenizer, prompt) -> list[int]:
@@ -61,8 +61,7 @@ def sample_pass(model, tokenizer, prompt_ids: list[int] | list[list[int]], num_s
     (completion ids, loss mask) per row: generated tokens with the stop token kept when the row stopped; mask 1 =
     sampled, 0 = forced by the tool or the stop token."""
     stops = {special_token_id(tokenizer, "<|assistant_end|>"), special_token_id(tokenizer, "<|bos|>")}
-    several = bool(prompt_ids) and isinstance(prompt_ids[0], (list, tuple))
-    rows = num_samples * (len(prompt_ids) if several else 1)  # num_samples for each prompt given
+    rows = num_samples * len(as_prompts(prompt_ids))  # num_samples for each prompt given
     ids, masks, done = [[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows
     for column, mask_column in generate(model, tokenizer, prompt_ids, num_samples, max_tokens=max_tokens,
                                         temperature=temperature, top_k=top_k, seed=seed, calculator=calculator):
