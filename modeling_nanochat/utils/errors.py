@@ -35,6 +35,14 @@ class DataError(NanochatError):
     """A corpus, data file or data row that cannot be read as what it should be."""
 
 
+DEBUG_HELP = (f"--debug (or {DEBUG_ENV}=1), taken by every command: a user error shows its full traceback "
+              "instead of one 'error:' line")
+
+
+def _help_requested(argv: list[str] | None) -> bool:
+    return any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
+
+
 def debug_requested(argv: list[str] | None = None) -> bool:
     argv = sys.argv[1:] if argv is None else argv
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
@@ -63,6 +71,10 @@ def cli_main(main, argv: list[str] | None = None, *, errors: tuple = ()) -> int:
     argv = strip_debug(argv)
     try:
         return main(argv)
+    except SystemExit as e:  # argparse's --help ends here; the flag cli_main takes away is not in its parser
+        if e.code in (0, None) and _help_requested(argv):
+            print(f"\n{DEBUG_HELP}", flush=True)
+        raise
     except (NanochatError, *errors) as e:
         if debug:
             raise
@@ -91,4 +103,4 @@ def _is_main_process() -> bool:
 
 
 __all__ = ["NanochatError", "CheckpointError", "DataError", "cli_main", "cli_run", "debug_requested", "report",
-           "strip_debug", "DEBUG_ENV", "USER_ERROR_EXIT"]
+           "strip_debug", "DEBUG_ENV", "DEBUG_HELP", "USER_ERROR_EXIT"]
