@@ -101,5 +101,73 @@ def prune_checkpoints(output_dir: str, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# transformers Trainer checkpoints (SFT, GRPO). The Trainer writes `checkpoint-<step>` in place, so a run killed while
+# saving (SIGKILL, out of memory, a full disk) leaves a partial directory; resuming from one either fails deep inside
+# the Trainer or, worse, goes on: the Trainer skips an optimizer or scheduler file it does not find and continues
+# with a fresh optimizer without a word. Our trainers check the checkpoint before a resume.
+
+TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt")  # what "continues exactly" needs beside the weights
+
+
+def check_trainer_checkpoint(path: str, *, with_optimizer: bool = True) -> int:
+    """The step of a transformers Trainer checkpoint; CheckpointError naming what is missing or broken otherwise.
+    with_optimizer=False for runs that save only the model (`save_only_model`). Under DeepSpeed (a `global_step*`
+    directory inside) the engine keeps its own optimizer files and only the weights and trainer state are checked."""
+    import zipfile
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a checkpoint directory", _resume_fix(path))
+    state_file = os.path.join(path, "trainer_state.json")
+    try:
+        with open(state_file) as f:
+            step = int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is incomplete or corrupt: trainer_state.json is unreadable "
+                              f"({type(e).__name__}: {e}); was the run stopped while saving it?",
+                              _resume_fix(path)) from None
+    adapter = os.path.join(path, "adapter_model.safetensors")  # a LoRA run saves the adapter, not the model
+    try:
+        if os.path.isfile(adapter):
+            from safetensors import safe_open
+
+            with safe_open(adapter, framework="pt") as st:
+                st.keys()
+        else:
+            from modeling_nanochat.checkpoints.model_dirs import check_weights
+
+            check_weights(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} is incomplete or corrupt: {e.problem}", _resume_fix(path)) from None
+    except Exception as e:  # safetensors' own error type for a truncated adapter
+        raise CheckpointError(f"{path} is incomplete or corrupt: {adapter} is unreadable ({e})",
+                              _resume_fix(path)) from None
+    deepspeed = any(n.startswith("global_step") for n in os.listdir(path))
+    if with_optimizer and not deepspeed:
+        missing = [n for n in TRAINER_STATE_FILES if not os.path.isfile(os.path.join(path, n))]
+        if missing:
+            raise CheckpointError(f"{path} is incomplete: {' and '.join(missing)} missing (was the run stopped while "
+                                  "saving it?); resuming from it would continue with a fresh optimizer",
+                                  _resume_fix(path))
+        for name in TRAINER_STATE_FILES:  # torch.save writes a zip archive: a cut file has no central directory
+            f = os.path.join(path, name)
+            if not zipfile.is_zipfile(f):
+                raise CheckpointError(f"{path} is incomplete or corrupt: {f} is truncated or not a torch.save "
+                                      f"file ({os.path.getsize(f):,} bytes)", _resume_fix(path))
+    return step
+
+
+def _resume_fix(path: str) -> str:
+    """Where to resume from instead: the newest earlier checkpoint of the same run, if there is one."""
+    parent, name = os.path.split(os.path.normpath(path))
+    m = CHECKPOINT_NAME.match(name)
+    earlier = sorted((int(k.group(1)), e) for e in (os.listdir(parent or ".") if os.path.isdir(parent or ".") else [])
+                     if (k := CHECKPOINT_NAME.match(e)) and m and int(k.group(1)) < int(m.group(1)))
+    if earlier:
+        return (f"resume from {os.path.join(parent, earlier[-1][1])} (the checkpoint before it), or move {path} away "
+                "and start again without --resume_from_checkpoint")
+    return f"move {path} away and start again without --resume_from_checkpoint"
+
+
 __all__ = ["save_checkpoint", "list_checkpoints", "latest_checkpoint", "load_training_state", "prune_checkpoints",
-           "checkpoint_path", "STATE_DIR"]
+           "checkpoint_path", "check_trainer_checkpoint", "STATE_DIR"]

@@ -32,6 +32,10 @@ What the mixin changes, and why:
   optimizer, scheduler, RNG, trainer_state.json: ``resume_from_checkpoint`` continues exactly) and ``train()`` raises
   ``TrainingInterrupted``; entry points print it (``report_interrupted``) and exit with 128 + signum. A repeated
   signal while the checkpoint is written is ignored (a second Ctrl-C *before* the step ends stops at once).
+* ``train(resume_from_checkpoint=...)`` first checks that checkpoint (``checkpoints.training_state.
+  check_trainer_checkpoint``): the Trainer writes checkpoints in place, so a run killed while saving leaves a partial
+  one, from which the Trainer would resume with a fresh optimizer when the optimizer file is missing. The user gets
+  one error naming the missing or broken file and the earlier checkpoint to resume from.
 
 Also here: ``load_optimizer_state`` (warm-start from a pretraining checkpoint's optimizer state when it fits).
 """
@@ -132,7 +136,17 @@ class MuonAdamWTrainerMixin:
 
     def train(self, *args, **kwargs):
         """Trainer.train; on SIGTERM/SIGINT: the step finishes, ``checkpoint-<step>`` is saved, then
-        ``TrainingInterrupted`` is raised (see ``SaveOnSignal``). The previous signal handlers are restored."""
+        ``TrainingInterrupted`` is raised (see ``SaveOnSignal``). The previous signal handlers are restored. A resume
+        first checks its checkpoint (``check_trainer_checkpoint``: complete, readable, optimizer state included)."""
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if resume:  # a partial checkpoint (run killed while saving) would fail deep inside, or resume half-way
+            from transformers.trainer_utils import get_last_checkpoint
+
+            from modeling_nanochat.checkpoints.training_state import check_trainer_checkpoint
+
+            path = resume if isinstance(resume, str) else get_last_checkpoint(self.args.output_dir)
+            if path:  # resume=True with no checkpoint at all: the Trainer's own error says so
+                check_trainer_checkpoint(path, with_optimizer=not getattr(self.args, "save_only_model", False))
         stop = self.signal_callback
         if stop is None:
             return super().train(*args, **kwargs)

@@ -147,3 +147,29 @@ def test_sigterm_during_grpo_saves_a_checkpoint_that_resumes(tmp_path, told):
     state = _check_resumed(res, out, step, max_steps)
     rewards = [h["step"] for h in state["log_history"] if "rewards/gsm8k_reward/mean" in h]
     assert rewards == list(range(1, max_steps + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.fault("Interrupted", "SFT killed while saving checkpoint-N (optimizer.pt never written), then resume")
+def test_resume_from_a_partial_sft_checkpoint_names_the_earlier_one(tmp_path, told):
+    """The Trainer writes checkpoints in place: a SIGKILL mid-save leaves checkpoint-N without its optimizer state,
+    from which the Trainer itself would resume with a fresh optimizer and say nothing."""
+    model, out = _model_dir(tmp_path / "model", special_ids=True), tmp_path / "sft"
+    cmd = [sys.executable, "recipes/sft.py", "--config", "recipes/sft/tiny_cpu.yaml", "--model_name_or_path",
+           str(model), "--output_dir", str(out), "--eval_strategy", "no", "--max_steps", "2",
+           "--save_strategy", "steps", "--save_steps", "1"]
+    done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, last = out / "checkpoint-1", out / "checkpoint-2"
+    assert all((c / f).is_file() for c in (first, last) for f in CHECKPOINT_FILES)
+    (last / "optimizer.pt").unlink()  # what a kill between the weights and the optimizer state leaves
+    res = subprocess.run(cmd + ["--resume_from_checkpoint", str(last), "--max_steps", "3"], cwd=REPO, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    shown = f"exit {res.returncode}\n--- stdout\n{res.stdout[-2000:]}\n--- stderr\n{res.stderr[-4000:]}"
+    assert res.returncode == 2 and "Traceback" not in res.stdout + res.stderr, shown
+    line = next((ln for ln in res.stderr.splitlines() if ln.startswith("error: ")), "")
+    told(line)
+    assert line == f"error: {last} is incomplete: optimizer.pt missing (was the run stopped while saving it?); " \
+                   "resuming from it would continue with a fresh optimizer", shown
+    assert f"fix: resume from {first} (the checkpoint before it)" in res.stderr, shown
+    assert not (out / "checkpoint-3").exists()  # nothing trained on a half state
