@@ -117,7 +117,12 @@ def check_trainer_checkpoint(path: str, *, with_optimizer: bool = True) -> int:
     import zipfile
 
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path} is not a checkpoint directory", _resume_fix(path))
+        parent = os.path.dirname(os.path.normpath(path)) or "."
+        found = [name for _, name in _numbered(parent)]
+        raise CheckpointError(f"{path} is not a checkpoint directory",
+                              f"pass one of {', '.join(found)} (in {parent})" if found else
+                              "pass a checkpoint-N directory that a run saved, or start without "
+                              "--resume_from_checkpoint")
     state_file = os.path.join(path, "trainer_state.json")
     try:
         with open(state_file) as f:
@@ -157,14 +162,19 @@ def check_trainer_checkpoint(path: str, *, with_optimizer: bool = True) -> int:
     return step
 
 
+def _numbered(directory: str) -> list[tuple[int, str]]:
+    """(step, name) of the checkpoint-<step> entries in `directory`, oldest first (whole or not)."""
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted((int(m.group(1)), name) for name in names if (m := CHECKPOINT_NAME.match(name)))
+
+
 def _resume_fix(path: str) -> str:
     """Where to resume from instead: the newest earlier checkpoint of the same run, if there is one."""
     parent, name = os.path.split(os.path.normpath(path))
     m = CHECKPOINT_NAME.match(name)
-    earlier = sorted((int(k.group(1)), e) for e in (os.listdir(parent or ".") if os.path.isdir(parent or ".") else [])
-                     if (k := CHECKPOINT_NAME.match(e)) and m and int(k.group(1)) < int(m.group(1)))
+    earlier = [n for step, n in _numbered(parent or ".") if m and step < int(m.group(1))]
     if earlier:
-        return (f"resume from {os.path.join(parent, earlier[-1][1])} (the checkpoint before it), or move {path} away "
+        return (f"resume from {os.path.join(parent, earlier[-1])} (the checkpoint before it), or move {path} away "
                 "and start again without --resume_from_checkpoint")
     return f"move {path} away and start again without --resume_from_checkpoint"
 

@@ -74,5 +74,11 @@ def test_deepspeed_checkpoints_keep_their_own_optimizer_files(tmp_path):
 
 
 def test_not_a_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="is not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint directory") as e:
         check_trainer_checkpoint(str(tmp_path / "checkpoint-9"))
+    assert e.value.fix == "pass a checkpoint-N directory that a run saved, or start without --resume_from_checkpoint"
+    for step in (10, 2):
+        _checkpoint(tmp_path, step)
+    with pytest.raises(CheckpointError) as e:  # a typo in the step: the ones that exist, oldest first
+        check_trainer_checkpoint(str(tmp_path / "checkpoint-9"))
+    assert e.value.fix == f"pass one of checkpoint-2, checkpoint-10 (in {tmp_path})"
