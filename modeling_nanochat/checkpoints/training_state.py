@@ -61,13 +61,8 @@ def save_checkpoint(path: str, *, model, tokenizer, optimizer_state: dict, loade
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """Complete checkpoints under `output_dir`, oldest first."""
-    found = []
-    for entry in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        m = CHECKPOINT_NAME.match(entry)
-        path = os.path.join(output_dir, entry)
-        if m and os.path.isfile(os.path.join(path, STATE_DIR, "trainer_state.json")):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
+    return [(step, os.path.join(output_dir, name)) for step, name in _numbered(output_dir)
+            if os.path.isfile(os.path.join(output_dir, name, STATE_DIR, "trainer_state.json"))]
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
